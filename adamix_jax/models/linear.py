@@ -1,0 +1,74 @@
+"""The linear classification head on (frozen) features.
+
+Parameters are a Flax-style dict ``{"kernel": (d, c), "bias": (c,)}``. The
+closed-form DP code works on the *augmented* view: features x~ = [x, 1] and
+one matrix W~ = [kernel; bias] of shape (d + 1, c), so that an example's
+gradient is the outer product x~ (softmax(x~ W~) - y)^T.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = dict
+
+
+class LinearHead(nn.Module):
+  """Dense layer to ``num_classes`` logits (for the general vmap path)."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(x)
+
+
+def zeros(dim: int, num_classes: int) -> Params:
+  return {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
+          "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def augment(x: jax.Array) -> jax.Array:
+  """Appends the constant-1 bias feature: (..., d) -> (..., d + 1)."""
+  return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+
+def stack(params: Params) -> jax.Array:
+  """{"kernel", "bias"} -> W~ of shape (d + 1, c)."""
+  return jnp.concatenate([params["kernel"], params["bias"][None, :]], axis=0)
+
+
+def unstack(matrix: jax.Array) -> Params:
+  return {"kernel": matrix[:-1], "bias": matrix[-1]}
+
+
+def logits(params: Params, x: jax.Array) -> jax.Array:
+  return x @ params["kernel"] + params["bias"]
+
+
+def residuals(matrix: jax.Array, x_aug: jax.Array, y: jax.Array) -> jax.Array:
+  """E = softmax(x~ W~) - onehot(y): the per-example gradient's class factor."""
+  return jax.nn.softmax(x_aug @ matrix) - jax.nn.one_hot(y, matrix.shape[1])
+
+
+def example_loss(params: Params, example: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Cross-entropy of ONE example: the loss that the vmap path differentiates."""
+  x, y = example
+  return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y)
+
+
+def error_rate(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+  predictions = np.asarray(jnp.argmax(logits(params, jnp.asarray(x)), axis=-1))
+  return float(np.mean(predictions != np.asarray(y)))
+
+
+def normalize_features(x: np.ndarray) -> np.ndarray:
+  """Scales each feature vector to unit L2 norm (a per-example map: no data
+  statistics, so it is free privacy-wise, and it bounds ||x~||^2 = 2)."""
+  x = np.asarray(x, np.float32)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  return x / np.maximum(norms, 1e-12)

@@ -1,0 +1,135 @@
+"""DP aggregation as composable optax transformations.
+
+``dp_aggregate`` turns per-example gradients into a privatised mean
+gradient: clip each example (after an optional per-example transform),
+sum, add N(0, (sigma * C)^2 I) ONCE to that sum with a key carried in the
+state, divide by a fixed normaliser (the *expected* batch size q*N for
+Poisson-sampled DP-SGD, or N for full-batch noisy GD). Dividing by the
+realised batch size would leak it; dividing by a fixed number does not.
+
+Example (chain with any optax optimiser)::
+
+  tx = optax.chain(
+      dp_aggregate(clip_norm=1.0, noise_multiplier=1.1,
+                   normalizer=q * n, key=jax.random.key(0)),
+      optax.sgd(0.1))
+  state = tx.init(params)
+  grads = per_example_grads(loss_fn, params, batch)   # leading axis B
+  updates, state = tx.update(grads, state, params, mask=mask)
+  params = optax.apply_updates(params, updates)
+
+Sharp edges:
+  * ``updates`` must be PER-EXAMPLE gradients (leading batch axis), not a
+    mean: a mean has already mixed the examples and cannot be clipped.
+  * Pass ``mask`` for padded batches; padding then contributes exactly zero.
+  * Under ``jit`` with a data-sharded batch the sum is global, and the noise,
+    drawn from the replicated key in the state, is added once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamix_jax.privacy import clipping
+from adamix_jax.privacy import noise
+from adamix_jax.privacy import per_example
+
+PyTree = Any
+
+
+class DPAggregateState(NamedTuple):
+  """State of ``dp_aggregate``: the noise key and running diagnostics."""
+
+  noise_key: jax.Array
+  steps: jax.Array
+  num_nonfinite: jax.Array  # real examples zeroed for NaN/inf, cumulative
+
+
+def _check(clip_norm, noise_multiplier, normalizer):
+  if clip_norm <= 0:
+    raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
+  if noise_multiplier < 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+  if normalizer <= 0:
+    raise ValueError(f"normalizer (expected batch size) must be > 0, got "
+                     f"{normalizer}.")
+
+
+def privatize_sum(clipped_total: PyTree, key: jax.Array,
+                  clip_norm: jax.Array | float, noise_multiplier: float,
+                  normalizer: float) -> PyTree:
+  """(clipped sum + N(0, (sigma C)^2 I)) / normalizer. Noise added once."""
+  noisy = noise.add_gaussian_noise(clipped_total, key,
+                                   noise_multiplier * clip_norm)
+  return jax.tree_util.tree_map(lambda g: g / normalizer, noisy)
+
+
+def dp_aggregate(clip_norm: float,
+                 noise_multiplier: float,
+                 normalizer: float,
+                 key: jax.Array,
+                 pre_clip_transform: Optional[
+                     clipping.PerExampleTransform] = None,
+                 ) -> optax.GradientTransformationExtraArgs:
+  """Per-example gradients -> clipped, noised, normalised mean gradient.
+
+  Args:
+    clip_norm: per-example L2 bound C.
+    noise_multiplier: sigma; the noise std on the sum is sigma * C.
+    normalizer: fixed divisor: expected batch size q*N (DP-SGD) or N (full
+      batch).
+    key: PRNG key; split every step, carried in the state.
+    pre_clip_transform: optional per-example map applied before clipping.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs``; ``update`` accepts
+    ``mask=`` (1 real, 0 padding).
+  """
+  _check(clip_norm, noise_multiplier, normalizer)
+
+  def init_fn(params):
+    del params
+    return DPAggregateState(noise_key=key, steps=jnp.zeros((), jnp.int32),
+                            num_nonfinite=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, *, mask=None, **extra_args):
+    del params, extra_args
+    total, stats = clipping.clipped_sum(updates, clip_norm, mask,
+                                        pre_clip_transform)
+    noise_key, next_key = jax.random.split(state.noise_key)
+    mean = privatize_sum(total, noise_key, clip_norm, noise_multiplier,
+                         normalizer)
+    return mean, DPAggregateState(
+        noise_key=next_key, steps=state.steps + 1,
+        num_nonfinite=state.num_nonfinite + stats.num_nonfinite)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def private_gradient(loss_fn: per_example.ExampleLoss,
+                     params: PyTree,
+                     batch: PyTree,
+                     mask: Optional[jax.Array],
+                     key: jax.Array,
+                     *,
+                     clip_norm: jax.Array | float,
+                     noise_multiplier: float,
+                     normalizer: float,
+                     microbatch_size: Optional[int] = None,
+                     pre_clip_transform: Optional[
+                         clipping.PerExampleTransform] = None,
+                     ) -> tuple[PyTree, clipping.ClipStats]:
+  """One DP-SGD gradient from a loss: the functional form of dp_aggregate.
+
+  Unlike ``dp_aggregate`` it never holds all B per-example gradients at
+  once: with ``microbatch_size`` peak memory is microbatch x params.
+  """
+  total, stats = per_example.clipped_grad_sum(
+      loss_fn, params, batch, clip_norm, mask,
+      microbatch_size=microbatch_size, pre_clip_transform=pre_clip_transform)
+  return privatize_sum(total, key, clip_norm, noise_multiplier,
+                       normalizer), stats

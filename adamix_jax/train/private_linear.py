@@ -1,0 +1,161 @@
+"""The private training loop for a linear head (DP-SGD and AdaMix).
+
+Host side: Poisson sampling (the sampling that is accounted), the budget
+guard, the ledger. Device side: one jitted step with donated state; the
+private features live on the device and each step ships only the padded
+index vector and mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import subspace as subspace_lib
+from adamix_jax.models import linear
+from adamix_jax.privacy import accounting
+from adamix_jax.privacy import sampler as sampler_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceSpec:
+  """Which public subspace private gradients are projected onto.
+
+  kind: "none", "features" or "gradients" (see adamix.subspace).
+  rank: its dimension k (capped by the public set size).
+  refresh_every: recompute a "gradients" subspace every m steps.
+  """
+
+  kind: str = "none"
+  rank: int = 0
+  refresh_every: int = 10
+
+  def __post_init__(self):
+    if self.kind not in subspace_lib.SUBSPACE_KINDS:
+      raise ValueError(f"subspace kind must be one of "
+                       f"{subspace_lib.SUBSPACE_KINDS}, got {self.kind!r}.")
+    if self.kind != "none" and self.rank <= 0:
+      raise ValueError(f"subspace rank must be > 0 for kind {self.kind!r}; use "
+                       "kind='none' to disable projection.")
+    if self.refresh_every <= 0:
+      raise ValueError("refresh_every must be > 0.")
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _jitted_step(config, state, subspace, public, private_x_aug, private_y,
+                 indices, mask, average_from, lr_scale):
+  return step_lib.train_step(config, state, subspace, public, private_x_aug,
+                             private_y, indices, mask, average_from, lr_scale)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_scale(schedule: str, step: int, steps: int) -> float:
+  """Multiplier of the base learning rate at ``step`` of ``steps``."""
+  if schedule == "constant":
+    return 1.0
+  if schedule == "cosine":
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+  raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got "
+                   f"{schedule!r}.")
+
+
+def build_subspace(spec: SubspaceSpec, matrix: jax.Array,
+                   public: step_lib.PublicData,
+                   fallback_basis: Optional[jax.Array] = None
+                   ) -> subspace_lib.Subspace:
+  """The subspace at the current parameters, from public data only."""
+  if spec.kind == "none":
+    return subspace_lib.identity()
+  if public.y.shape[0] == 0:
+    if spec.kind == "features" and fallback_basis is not None:
+      return subspace_lib.from_basis_vectors(fallback_basis)
+    return subspace_lib.identity()
+  if spec.kind == "features":
+    return subspace_lib.from_public_features(public.x_aug, spec.rank)
+  e = linear.residuals(matrix, public.x_aug, public.y)
+  return subspace_lib.from_public_gradients(public.x_aug, e, spec.rank)
+
+
+def train_private_head(private_x: np.ndarray,
+                       private_y: np.ndarray,
+                       public_x: np.ndarray,
+                       public_y: np.ndarray,
+                       anchor_params: dict,
+                       config: step_lib.StepConfig,
+                       *,
+                       steps: int,
+                       sampling_rate: float,
+                       seed: int,
+                       ledger: accounting.PrivacyLedger,
+                       subspace: SubspaceSpec = SubspaceSpec(),
+                       average_tail: float = 0.5,
+                       lr_schedule: str = "constant",
+                       fallback_basis: Optional[np.ndarray] = None,
+                       on_step: Optional[Callable[[int, step_lib.StepMetrics],
+                                                  None]] = None,
+                       ) -> dict:
+  """Runs ``steps`` private steps from ``anchor_params``; returns the params.
+
+  The ledger is checked for the whole planned run before the first step
+  (epsilon is monotone in steps, so every prefix then fits) and records each
+  step after its noisy update is applied.
+
+  Args:
+    private_x, private_y: the private set (features, labels).
+    public_x, public_y: the public set (may be empty).
+    anchor_params: W_0, the starting point and the pull target.
+    config: the step's hyperparameters (sigma, lr, thresholds, ...).
+    steps: number of private steps T.
+    sampling_rate: Poisson rate q (1.0: full batch).
+    seed: seeds the sampler and the noise.
+    ledger: records the steps taken; its target is enforced.
+    subspace: the projection (kind, rank, refresh period).
+    average_tail: average the iterates of this final fraction of the run
+      (0: return the last iterate).
+    lr_schedule: "constant" or "cosine" (decay to 0 over the run).
+    fallback_basis: (d+1, r) public directions to use as a ``features``
+      subspace when there are no public examples (zero-shot head columns).
+    on_step: optional callback(step, metrics) for progress/diagnostics.
+
+  Returns:
+    ``{"kernel", "bias"}`` of the final (averaged) model.
+  """
+  learning_rate_scale(lr_schedule, 0, steps)  # validates the name early
+  if not 0.0 <= average_tail < 1.0:
+    raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
+  ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
+  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed)
+  private_x_aug = linear.augment(jnp.asarray(private_x, jnp.float32))
+  private_y_dev = jnp.asarray(private_y, jnp.int32)
+  public = step_lib.PublicData(
+      x_aug=linear.augment(jnp.asarray(public_x, jnp.float32).reshape(
+          len(public_y), private_x_aug.shape[1] - 1)),
+      y=jnp.asarray(public_y, jnp.int32))
+  state = step_lib.init_state(anchor_params, jax.random.key(seed))
+  average_from = jnp.int32(int(round(steps * (1.0 - average_tail))))
+  basis = None if fallback_basis is None else jnp.asarray(fallback_basis)
+  current = build_subspace(subspace, state.matrix, public, basis)
+  for t in range(steps):
+    if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
+      current = build_subspace(subspace, state.matrix, public, basis)
+    batch = sampler.batch(t)
+    state, metrics = _jitted_step(config, state, current, public,
+                                  private_x_aug, private_y_dev,
+                                  jnp.asarray(batch.indices),
+                                  jnp.asarray(batch.mask), average_from,
+                                  jnp.float32(learning_rate_scale(
+                                      lr_schedule, t, steps)))
+    ledger.record(config.noise_multiplier, sampling_rate)
+    if on_step is not None:
+      on_step(t, metrics)
+  final = state.average if average_tail > 0 else state.matrix
+  return jax.tree_util.tree_map(np.asarray, linear.unstack(final))

@@ -1,0 +1,582 @@
+"""The stages of one experiment, each reading the previous one's output.
+
+  features     source -> (backbone) -> WORKDIR/features/features.npz + splits
+  public_init  per seed: preprocessing fitted on public data, the public
+               model w_0 (few-shot, CV'd weight decay) or a zero-shot head
+  private      per (method, epsilon, seed): paragon, dp_sgd, adamix
+  accounting   every ledger -> epsilon spent (PLD, RDP cross-check)
+  report       test errors -> WORKDIR/results.json and results.md
+
+Every unit of work writes its output atomically and is skipped when that
+output already exists, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Optional
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from adamix_jax import data as data_lib
+from adamix_jax.adamix import public_init as public_init_lib
+from adamix_jax.adamix import step as step_lib
+from adamix_jax.features import preprocess as preprocess_lib
+from adamix_jax.models import linear
+from adamix_jax.privacy import accounting
+from adamix_jax.train import io
+from adamix_jax.train import private_linear
+from adamix_jax.train import report as report_lib
+
+STAGES = ("features", "public_init", "private", "accounting", "report")
+METHODS = ("paragon", "public_only", "dp_sgd", "adamix")
+DP_METHODS = ("dp_sgd", "adamix")
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds outputs made with a different configuration."""
+
+
+# --- validation ------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for bad settings before any work is done."""
+  unknown = [m for m in config.methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"Unknown method(s) {unknown}; known methods: "
+                     f"{list(METHODS)}.")
+  if not config.methods:
+    raise ValueError("config.methods is empty; choose from "
+                     f"{list(METHODS)}.")
+  for eps in config.epsilons:
+    if not eps > 0:
+      raise ValueError(f"Every epsilon must be > 0, got {eps} in "
+                       f"config.epsilons.")
+  if not 0.0 < config.delta < 1.0:
+    raise ValueError(f"config.delta must be in (0, 1), got {config.delta}.")
+  if config.public_per_class < 0:
+    raise ValueError("config.public_per_class must be >= 0 (0 = zero-shot), "
+                     f"got {config.public_per_class}.")
+  train = config.train
+  if not 0.0 < train.sampling_rate <= 1.0:
+    raise ValueError(f"config.train.sampling_rate must be in (0, 1], got "
+                     f"{train.sampling_rate}.")
+  if train.epochs <= 0 or train.learning_rate <= 0 or train.clip_norm <= 0:
+    raise ValueError("config.train.epochs, learning_rate and clip_norm must "
+                     "be > 0.")
+  if config.preprocess not in preprocess_lib.MODES:
+    raise ValueError(f"config.preprocess must be one of "
+                     f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
+  if not config.seeds:
+    raise ValueError("config.seeds is empty.")
+
+
+def num_steps(config) -> int:
+  return max(1, int(round(config.train.epochs / config.train.sampling_rate)))
+
+
+# --- workdir ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  root: str
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def features(self) -> str:
+    return self.path("features", "features.npz")
+
+  @property
+  def splits(self) -> str:
+    return self.path("features", "splits.npz")
+
+  def public_init(self, seed: int) -> str:
+    return self.path("public_init", f"seed_{seed}.npz")
+
+  def run_dir(self, method: str, seed: int, epsilon: Optional[float]) -> str:
+    if epsilon is None:
+      return self.path("private", method, f"seed_{seed}")
+    return self.path("private", method, f"eps_{epsilon:g}", f"seed_{seed}")
+
+
+def check_or_save_config(config: ml_collections.ConfigDict,
+                         workdir: Workdir) -> None:
+  """Refuses to mix outputs of two different configs in one workdir."""
+  path = workdir.path("config.json")
+  current = config.to_dict()
+  current.pop("progress", None)
+  if os.path.exists(path):
+    saved = io.load_json(path)
+    saved.pop("progress", None)
+    current_json = io.load_json_string(io.dump_json_string(current))
+    if saved != current_json:
+      changed = sorted(k for k in set(saved) | set(current_json)
+                       if saved.get(k) != current_json.get(k))
+      raise ConfigMismatchError(
+          f"{workdir.root} holds a run made with a different config (fields "
+          f"{changed} differ). Use a new --workdir, or restore the old "
+          "config; nothing in the workdir was changed.")
+  else:
+    io.save_json(path, current)
+
+
+# --- stage: features -------------------------------------------------------
+
+
+def _feature_cache_dir(config) -> str:
+  if config.feature_cache_dir:
+    return config.feature_cache_dir
+  base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+  return os.path.join(base, "adamix_jax", "features")
+
+
+class _Subset:
+  """A view of a split restricted to some indices (only those get embedded)."""
+
+  def __init__(self, split, indices: np.ndarray):
+    self._split, self._indices = split, indices
+    self.labels = np.asarray(split.labels)[indices]
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._split[int(self._indices[i])]
+
+  def as_array(self):
+    full = self._split.as_array()
+    return None if full is None else full[self._indices]
+
+
+class _SubsetSource:
+
+  def __init__(self, source, subsets: dict[str, np.ndarray], suffix: str):
+    self._source, self._subsets = source, subsets
+    self.name = f"{source.name}{suffix}"
+    self.class_names = source.class_names
+    self.kind = source.kind
+
+  def split(self, name):
+    split = self._source.split(name)
+    return _Subset(split, self._subsets[name]) if name in self._subsets else split
+
+
+def _subset_suffix(indices: np.ndarray, total: int) -> str:
+  """"" for a whole split, else "-subset<N>-<digest of the indices>"."""
+  if len(indices) == total:
+    return ""
+  digest = hashlib.sha256(
+      np.ascontiguousarray(np.asarray(indices).astype("<i8")).tobytes())
+  return f"-subset{len(indices)}-{digest.hexdigest()[:12]}"
+
+
+def run_features(config, workdir: Workdir) -> None:
+  if os.path.exists(workdir.features) and os.path.exists(workdir.splits):
+    return
+  source = data_lib.get_source(config.dataset, **config.dataset_kwargs.to_dict())
+  num_classes = len(source.class_names)
+  train_labels = data_lib.check_labels(source.split("train").labels,
+                                       num_classes, f"{config.dataset} train")
+  private_cap = None if config.private_per_class < 0 else config.private_per_class
+  per_seed = {}
+  for seed in config.seeds:
+    per_seed[seed] = data_lib.few_shot_split(
+        train_labels, num_classes, config.public_per_class, private_cap,
+        seed=seed, allow_no_public=True)
+  # Only the training examples some seed uses are embedded.
+  used = np.unique(np.concatenate(
+      [np.concatenate([s.public, s.private]) for s in per_seed.values()]))
+  test_split = source.split("test")
+  test_indices = np.arange(len(test_split))
+  if config.max_test_examples > 0 and len(test_indices) > config.max_test_examples:
+    rng = np.random.default_rng(0)  # fixed: every run sees the same test set
+    test_indices = np.sort(rng.choice(test_indices, config.max_test_examples,
+                                      replace=False))
+  # One view per split, each named after the indices it keeps: the feature
+  # cache keys on (source name, split, labels), and two subsets with the same
+  # size and label sequence (e.g. of a class-sorted folder) must not share an
+  # entry; a full split keeps the plain name, so every run that embeds the
+  # whole test set shares one entry whatever its seeds.
+  train_source = _SubsetSource(source, {"train": used},
+                               _subset_suffix(used, len(train_labels)))
+  test_source = _SubsetSource(source, {"test": test_indices},
+                              _subset_suffix(test_indices, len(test_split)))
+  if config.backbone == "identity" and source.kind == "feature":
+    x_train = np.asarray(train_source.split("train").as_array(), np.float32)
+    x_test = np.asarray(test_source.split("test").as_array(), np.float32)
+    y_train = train_source.split("train").labels
+    y_test = test_source.split("test").labels
+  else:
+    from adamix_jax import features as features_lib  # heavy: lazy
+    from adamix_jax.models import registry
+    backbone = registry.get_backbone(config.backbone,
+                                     **config.backbone_kwargs.to_dict())
+    cache_dir = _feature_cache_dir(config)
+    x_train = features_lib.extract_features(
+        train_source, "train", backbone, cache_dir,
+        batch_size=config.feature_batch_size, progress=config.progress)
+    x_test = features_lib.extract_features(
+        test_source, "test", backbone, cache_dir,
+        batch_size=config.feature_batch_size, progress=config.progress)
+    y_train = train_source.split("train").labels
+    y_test = test_source.split("test").labels
+  x_train = x_train.reshape(len(x_train), -1)
+  x_test = x_test.reshape(len(x_test), -1)
+  data_lib.check_finite(x_train, f"{config.dataset} train features")
+  data_lib.check_finite(x_test, f"{config.dataset} test features")
+  y_test = data_lib.check_labels(y_test, num_classes, f"{config.dataset} test")
+  position = {int(i): p for p, i in enumerate(used)}
+  split_arrays = {}
+  for seed, split in per_seed.items():
+    split_arrays[f"public_{seed}"] = np.array(
+        [position[int(i)] for i in split.public], np.int64)
+    split_arrays[f"private_{seed}"] = np.array(
+        [position[int(i)] for i in split.private], np.int64)
+  io.save_npz(workdir.splits, **split_arrays)
+  io.save_npz(workdir.features, x_train=x_train, y_train=np.asarray(y_train),
+              x_test=x_test, y_test=np.asarray(y_test),
+              class_names=np.array(source.class_names))
+
+
+def load_features(workdir: Workdir) -> dict[str, np.ndarray]:
+  if not os.path.exists(workdir.features):
+    raise FileNotFoundError(
+        f"{workdir.features} is missing: run the 'features' stage first "
+        "(--stages=features,...).")
+  return io.load_npz(workdir.features)
+
+
+# --- stage: public_init ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedData:
+  """One seed's preprocessed public/private/test data and public model."""
+
+  public_x: np.ndarray
+  public_y: np.ndarray
+  private_x: np.ndarray
+  private_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  num_classes: int
+  public_params: dict
+  zero_shot: bool
+
+
+def _zero_shot_head(config, class_names, dim: int) -> dict:
+  from adamix_jax.models import registry, zero_shot  # heavy: lazy
+  backbone = registry.get_backbone(config.backbone,
+                                   **config.backbone_kwargs.to_dict())
+  if not hasattr(backbone, "text_embeddings"):
+    raise ValueError(
+        "public_per_class=0 (zero-shot) needs a CLIP backbone for the text "
+        f"head, but config.backbone={config.backbone!r} has no text tower. "
+        "Use backbone='clip_vit_b32' or public_per_class > 0.")
+  templates = tuple(config.zero_shot_templates) or zero_shot.CLIP_TEMPLATES
+  head = zero_shot.zero_shot_head(backbone, list(class_names), templates)
+  if head["kernel"].shape[0] != dim:
+    raise ValueError(f"zero-shot head has dim {head['kernel'].shape[0]} but "
+                     f"the features have dim {dim}.")
+  return head
+
+
+def run_public_init(config, workdir: Workdir) -> None:
+  features = None
+  for seed in config.seeds:
+    path = workdir.public_init(seed)
+    if os.path.exists(path):
+      continue
+    if features is None:
+      features = load_features(workdir)
+      splits = io.load_npz(workdir.splits)
+    num_classes = len(features["class_names"])
+    public_idx = splits[f"public_{seed}"]
+    x_pub_raw = features["x_train"][public_idx]
+    y_pub = features["y_train"][public_idx]
+    dim = features["x_train"].shape[1]
+    prep = preprocess_lib.fit_preprocessor(x_pub_raw, config.preprocess, dim)
+    info: dict[str, Any] = {"seed": seed, "public_examples": int(len(y_pub))}
+    if len(y_pub) == 0:
+      params = _zero_shot_head(config, features["class_names"], dim)
+      info["init"] = "zero_shot"
+    else:
+      params, cv = public_init_lib.train_head(prep(x_pub_raw), y_pub,
+                                              num_classes,
+                                              folds=config.cv_folds, seed=seed)
+      info.update(init="few_shot", weight_decay=cv.weight_decay,
+                  cv_folds=cv.folds, cv_errors=cv.cv_errors)
+    io.save_npz(path, kernel=np.asarray(params["kernel"]),
+                bias=np.asarray(params["bias"]), **prep.to_arrays())
+    io.save_json(path.replace(".npz", ".json"), info)
+
+
+def load_seed(config, workdir: Workdir, seed: int,
+              features: Optional[dict] = None) -> SeedData:
+  features = features if features is not None else load_features(workdir)
+  splits = io.load_npz(workdir.splits)
+  path = workdir.public_init(seed)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run the 'public_init' stage.")
+  saved = io.load_npz(path)
+  prep = preprocess_lib.Preprocessor.from_arrays(saved)
+  public_idx, private_idx = splits[f"public_{seed}"], splits[f"private_{seed}"]
+  x_train = prep(features["x_train"])
+  return SeedData(
+      public_x=x_train[public_idx], public_y=features["y_train"][public_idx],
+      private_x=x_train[private_idx], private_y=features["y_train"][private_idx],
+      test_x=prep(features["x_test"]), test_y=features["y_test"],
+      num_classes=len(features["class_names"]),
+      public_params={"kernel": saved["kernel"], "bias": saved["bias"]},
+      zero_shot=len(public_idx) == 0)
+
+
+# --- stage: private --------------------------------------------------------
+
+
+def public_weight(config, seed_data: SeedData) -> float:
+  weight = config.adamix.public_weight
+  if weight == "set_size":
+    n_pub, n_priv = len(seed_data.public_y), len(seed_data.private_y)
+    return n_pub / (n_pub + n_priv)
+  return float(weight)
+
+
+def step_config(config, method: str, sigma: float,
+                seed_data: SeedData) -> step_lib.StepConfig:
+  train = config.train
+  common = dict(noise_multiplier=sigma,
+                expected_batch_size=train.sampling_rate * len(seed_data.private_y),
+                learning_rate=train.learning_rate, clip_norm=train.clip_norm,
+                normalize_by_threshold=config.adamix.normalize_by_threshold,
+                path=train.path)
+  if method == "dp_sgd":
+    return step_lib.StepConfig(**common)
+  return step_lib.StepConfig(
+      **common, adaptive_threshold=config.adamix.adaptive_threshold,
+      threshold_quantile=config.adamix.threshold_quantile,
+      public_weight=public_weight(config, seed_data), pull=config.adamix.pull)
+
+
+def check_delta(config, num_private: int) -> None:
+  if config.delta >= 1.0 / num_private and not config.allow_large_delta:
+    raise ValueError(
+        f"delta={config.delta:g} >= 1/n_private = 1/{num_private}: a mechanism "
+        "that publishes one random private example outright satisfies such a "
+        "guarantee. Lower config.delta (e.g. below 1/(10 n)), or set "
+        "config.allow_large_delta=True if you really mean it.")
+
+
+def train_dp_method(config, method: str, epsilon: float, seed: int,
+                    seed_data: SeedData,
+                    ledger: Optional[accounting.PrivacyLedger] = None
+                    ) -> tuple[dict, accounting.PrivacyLedger, dict]:
+  """Trains dp_sgd or adamix for one (epsilon, seed); returns params, ledger."""
+  train = config.train
+  steps = num_steps(config)
+  check_delta(config, len(seed_data.private_y))
+  sigma = accounting.calibrate_noise_multiplier(
+      float(epsilon), float(config.delta), float(train.sampling_rate), steps)
+  ledger = ledger or accounting.PrivacyLedger(float(config.delta),
+                                              float(epsilon))
+  dim = seed_data.private_x.shape[1]
+  cfg = step_config(config, method, sigma, seed_data)
+  fallback = None
+  if method == "dp_sgd":
+    # DP-SGD uses no public data at all: zero init, fixed clipping norm.
+    anchor = linear.zeros(dim, seed_data.num_classes)
+    public_x = seed_data.public_x[:0]
+    public_y = seed_data.public_y[:0]
+    subspace = private_linear.SubspaceSpec()
+  else:
+    if config.adamix.public_init:
+      anchor = seed_data.public_params
+    else:
+      anchor = linear.zeros(dim, seed_data.num_classes)
+    public_x, public_y = seed_data.public_x, seed_data.public_y
+    subspace = private_linear.SubspaceSpec(
+        config.adamix.subspace, config.adamix.subspace_rank,
+        config.adamix.refresh_every)
+    if seed_data.zero_shot:
+      fallback = linear.stack(seed_data.public_params)
+  params = private_linear.train_private_head(
+      seed_data.private_x, seed_data.private_y, public_x, public_y, anchor, cfg,
+      steps=steps, sampling_rate=train.sampling_rate, seed=seed, ledger=ledger,
+      subspace=subspace, average_tail=train.average_tail,
+      lr_schedule=train.lr_schedule, fallback_basis=fallback)
+  meta = {"method": method, "epsilon": float(epsilon), "seed": seed,
+          "noise_multiplier": sigma, "steps": steps,
+          "sampling_rate": float(train.sampling_rate),
+          "private_examples": int(len(seed_data.private_y)),
+          "public_examples": int(len(seed_data.public_y)),
+          "public_weight": cfg.public_weight}
+  return params, ledger, meta
+
+
+def _private_jobs(config) -> list[tuple[str, Optional[float], int]]:
+  jobs = []
+  for seed in config.seeds:
+    if "paragon" in config.methods:
+      jobs.append(("paragon", None, seed))
+    for method in DP_METHODS:
+      if method in config.methods:
+        jobs.extend((method, float(eps), seed) for eps in config.epsilons)
+  return jobs
+
+
+def run_private(config, workdir: Workdir) -> None:
+  jobs = [j for j in _private_jobs(config)
+          if not os.path.exists(os.path.join(workdir.run_dir(*_key(j)),
+                                             "params.npz"))]
+  if not jobs:
+    return
+  features = load_features(workdir)
+  seeds: dict[int, SeedData] = {}
+  bar = tqdm.tqdm(jobs, desc="private runs", unit="run",
+                  disable=not config.progress, file=sys.stdout)
+  for method, epsilon, seed in bar:
+    bar.set_postfix_str(f"{method} eps={epsilon} seed={seed}")
+    if seed not in seeds:
+      seeds[seed] = load_seed(config, workdir, seed, features)
+    data = seeds[seed]
+    out = workdir.run_dir(method, seed, epsilon)
+    start = time.time()
+    if method == "paragon":
+      # Non-private upper bound on ALL training data, weight decay by CV.
+      x = np.concatenate([data.public_x, data.private_x])
+      y = np.concatenate([data.public_y, data.private_y])
+      params, cv = public_init_lib.train_head(x, y, data.num_classes,
+                                              folds=config.cv_folds, seed=seed)
+      meta = {"method": method, "seed": seed, "weight_decay": cv.weight_decay,
+              "cv_errors": cv.cv_errors}
+    else:
+      params, ledger, meta = train_dp_method(config, method, epsilon, seed, data)
+      ledger.save(os.path.join(out, "ledger.json"))
+    meta["seconds"] = round(time.time() - start, 3)
+    io.save_json(os.path.join(out, "meta.json"), meta)
+    # params.npz last: its presence marks the run as done.
+    io.save_npz(os.path.join(out, "params.npz"),
+                kernel=np.asarray(params["kernel"]),
+                bias=np.asarray(params["bias"]))
+
+
+def _key(job):
+  method, epsilon, seed = job
+  return method, seed, epsilon
+
+
+# --- stage: accounting -----------------------------------------------------
+
+
+def run_accounting(config, workdir: Workdir) -> None:
+  entries = []
+  for method, epsilon, seed in _private_jobs(config):
+    if method not in DP_METHODS:
+      continue
+    path = os.path.join(workdir.run_dir(method, seed, epsilon), "ledger.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing: run the 'private' stage.")
+    ledger = accounting.PrivacyLedger.load(path)
+    spent_pld = ledger.epsilon("pld")
+    spent_rdp = ledger.epsilon("rdp")
+    entry = {"method": method, "epsilon": epsilon, "seed": seed,
+             "delta": ledger.delta, "steps": ledger.total_steps,
+             "epsilon_spent": spent_pld, "epsilon_spent_rdp": spent_rdp,
+             "within_budget": spent_pld <= epsilon}
+    if spent_pld > epsilon:
+      raise accounting.BudgetExceededError(
+          f"{path}: spent epsilon {spent_pld:.4f} > target {epsilon}.")
+    entries.append(entry)
+  io.save_json(workdir.path("accounting.json"), entries)
+
+
+# --- stage: report ---------------------------------------------------------
+
+
+def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
+  features = load_features(workdir)
+  accounting_path = workdir.path("accounting.json")
+  spent = {}
+  if os.path.exists(accounting_path):
+    for e in io.load_json(accounting_path):
+      spent[(e["method"], e["epsilon"], e["seed"])] = e
+  records = []
+  for seed in config.seeds:
+    data = load_seed(config, workdir, seed, features)
+
+    def record(method, epsilon, params, meta=None):
+      meta = meta or {}
+      entry = spent.get((method, epsilon, seed), {})
+      if method in DP_METHODS and not entry:
+        raise FileNotFoundError(
+            f"No accounting for {method} eps={epsilon} seed={seed}: run the "
+            "'accounting' stage before 'report'.")
+      records.append({
+          "dataset": config.dataset, "method": method,
+          "epsilon": epsilon, "delta": config.delta if epsilon else None,
+          "seed": seed, "public_per_class": config.public_per_class,
+          "test_error": linear.error_rate(params, data.test_x, data.test_y),
+          "epsilon_spent": entry.get("epsilon_spent"),
+          "epsilon_spent_rdp": entry.get("epsilon_spent_rdp"),
+          "noise_multiplier": meta.get("noise_multiplier"),
+          "steps": meta.get("steps"),
+          "sampling_rate": meta.get("sampling_rate")})
+
+    if "public_only" in config.methods:
+      record("public_only", None, data.public_params)
+    for method, epsilon, job_seed in _private_jobs(config):
+      if job_seed != seed:
+        continue
+      out = workdir.run_dir(method, seed, epsilon)
+      params = io.load_npz(os.path.join(out, "params.npz"))
+      record(method, epsilon, params, io.load_json(os.path.join(out,
+                                                                "meta.json")))
+  io.save_json(workdir.path("results.json"), records)
+  table = report_lib.markdown_table(records, config.epsilons)
+  header = report_lib.provenance(config, command)
+  with open(workdir.path("results.md.tmp"), "w") as f:
+    f.write(header + "\n" + table + "\n")
+  os.replace(workdir.path("results.md.tmp"), workdir.path("results.md"))
+  return records
+
+
+# --- all stages --------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        stages: Iterable[str] = STAGES, command: str = "") -> list[dict] | None:
+  stages = list(stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"Unknown stage(s) {unknown}; stages are {list(STAGES)}.")
+  validate_config(config)
+  wd = Workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  check_or_save_config(config, wd)
+  runners = {"features": run_features, "public_init": run_public_init,
+             "private": run_private, "accounting": run_accounting}
+  records = None
+  for stage in STAGES:
+    if stage not in stages:
+      continue
+    start = time.time()
+    if stage == "report":
+      records = run_report(config, wd, command)
+    else:
+      runners[stage](config, wd)
+    logger.info("stage %s done in %.1fs", stage, time.time() - start)
+  return records

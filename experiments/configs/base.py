@@ -1,0 +1,69 @@
+"""Defaults shared by every dataset config.
+
+Every hyperparameter of the private runs is a fixed default written here (or
+in a dataset config), or is chosen from public data by a rule named here.
+None was tuned on private or test data. Override any field from the command
+line: ``--config.train.epochs=30``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- data ----------------------------------------------------------------
+  config.dataset = "digits"
+  config.dataset_kwargs = ml_collections.ConfigDict()  # e.g. data_dir, path
+  config.backbone = "identity"
+  config.backbone_kwargs = ml_collections.ConfigDict()
+  config.feature_cache_dir = ""  # "" -> $XDG_CACHE_HOME/adamix_jax/features
+  config.feature_batch_size = 64
+  config.public_per_class = 5  # k-shot public examples per class
+  config.private_per_class = -1  # -1: every remaining training example
+  config.max_test_examples = -1  # -1: the whole test split
+  # Fitted on the public examples only (see features/preprocess.py).
+  config.preprocess = "center"
+
+  # --- experiment grid -----------------------------------------------------
+  config.methods = ("paragon", "public_only", "dp_sgd", "adamix")
+  config.epsilons = (1.0, 3.0, 8.0)
+  config.delta = 1e-5
+  # delta >= 1/n_private allows releasing an example outright: refused
+  # unless explicitly allowed.
+  config.allow_large_delta = False
+  config.seeds = (0, 1, 2)
+
+  # --- non-private heads (public init, paragon): CV'd weight decay --------
+  config.cv_folds = 5
+
+  # --- private training: ONE rule for dp_sgd and adamix --------------------
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 50  # T = epochs / q steps
+  config.train.sampling_rate = 0.1  # Poisson rate q
+  config.train.learning_rate = 2.0  # in units of the clipping threshold
+  config.train.lr_schedule = "cosine"
+  config.train.average_tail = 0.5  # average the iterates of the last half
+  config.train.clip_norm = 1.0  # dp_sgd's fixed threshold (||grad|| <= 2)
+  config.train.path = "closed_form"  # or "vmap" (same update, slower)
+
+  # --- AdaMix components (each can be switched off for the ablation) ------
+  config.adamix = ml_collections.ConfigDict()
+  config.adamix.public_init = True  # start from (and pull to) the public model
+  config.adamix.adaptive_threshold = True  # C_t from public gradient norms
+  config.adamix.threshold_quantile = 0.5
+  config.adamix.normalize_by_threshold = True
+  config.adamix.subspace = "none"  # "none" | "features" | "gradients"
+  config.adamix.subspace_rank = 0
+  config.adamix.refresh_every = 10
+  config.adamix.public_weight = 0.0  # alpha; "set size" = n_pub/(n_pub+n_priv)
+  config.adamix.pull = 0.0  # lambda * (w - w_0)
+
+  # --- zero-shot (no public images) ----------------------------------------
+  # With public_per_class = 0, adamix starts from a CLIP text head (needs a
+  # CLIP backbone); C_t falls back to train.clip_norm and a "features"
+  # subspace to the span of the head's class embeddings.
+  config.zero_shot_templates = ()  # () -> models.zero_shot.CLIP_TEMPLATES
+
+  config.progress = True
+  return config

