@@ -4,6 +4,12 @@ r"""Runs one AdaMix experiment: features -> public_init -> private -> accounting
   python -m launch.main --config experiments/configs/fashion_mnist.py \
       --workdir /tmp/fmnist --config.seeds=0,1
   python -m launch.main --workdir /tmp/adamix_digits --stages report
+  python -m launch.main --workdir /tmp/adamix_digits --data_parallel
+
+``--data_parallel`` runs the private steps data parallel over all devices
+(``adamix_jax.parallel``); ``--multihost`` first calls
+``jax.distributed.initialize()``, for a TPU pod, where the same command runs
+on every host (see WORKSPACE.md, "Scale out").
 
 Each stage reads the previous stage's output from the workdir; finished work
 is skipped, so re-running the same command resumes an interrupted run.
@@ -11,12 +17,12 @@ is skipped, so re-running the same command resumes an interrupted run.
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import sys
 
 from absl import app
+from absl import logging as absl_logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -31,16 +37,29 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
 _STAGES = flags.DEFINE_list(
     "stages", "features,public_init,private,accounting,report",
     "Stages to run, in order.")
+_DATA_PARALLEL = flags.DEFINE_bool(
+    "data_parallel", False,
+    "Run the private steps data parallel over a mesh of all devices.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize() first (multi-host TPU pods); implies "
+    "--data_parallel.")
 
 
 def main(argv):
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  from adamix_jax.train import report, stages  # after flags: faster --help
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from adamix_jax import parallel  # after flags: faster --help
+  from adamix_jax.train import report, stages
+  if _MULTIHOST.value:
+    parallel.initialize_multihost()
+  mesh = None
+  if _DATA_PARALLEL.value or _MULTIHOST.value:
+    mesh = parallel.make_data_mesh()
   command = "python -m launch.main " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   records = stages.run(flags.FLAGS.config, _WORKDIR.value, _STAGES.value,
-                       command=command)
+                       command=command, mesh=mesh)
   if records is not None:
     print(report.markdown_table(records, flags.FLAGS.config.epsilons))
     print(f"\nWrote {os.path.join(_WORKDIR.value, 'results.json')} and "

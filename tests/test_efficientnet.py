@@ -253,8 +253,12 @@ def test_efficientnet_checkpoint_round_trip_gives_identical_logits(
                                 np.asarray(expected_logits))
 
   backbone = efficientnet_lite.EfficientNetLite0Backbone(checkpoint_path=path)
-  assert (backbone.name, backbone.image_size, backbone.embed_dim) == (
-      "efficientnet_lite0", 224, 1280)
+  assert (backbone.image_size, backbone.embed_dim) == (224, 1280)
+  # The cache key changes with the crop (and the weights), never silently.
+  assert backbone.name.startswith("efficientnet_lite0-crop")
+  other_crop = efficientnet_lite.EfficientNetLite0Backbone(
+      checkpoint_path=path, crop_padding=backbone.crop_padding + 1)
+  assert other_crop.name != backbone.name
   np.testing.assert_array_equal(backbone.embed(flower_batch),
                                 np.asarray(embedding))
   np.testing.assert_array_equal(np.asarray(embedding),

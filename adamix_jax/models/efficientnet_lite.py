@@ -26,6 +26,7 @@ convolution is several times slower, and feature extraction is CPU-bound here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Iterable, Sequence
 
@@ -677,6 +678,13 @@ class EfficientNetLite0Backbone:
     self.variables = jax.device_put(variables)
     self.model = EfficientNetLite0()
     self.crop_padding = crop_padding
+    # The feature cache is keyed by ``name``: it must change with anything
+    # that changes the embeddings (weights, crop).
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(variables):
+      digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    self.name = (f"efficientnet_lite0-crop{crop_padding}-"
+                 f"w{digest.hexdigest()[:10]}")
     self.max_batch_size = max_batch_size
 
     model = self.model

@@ -21,3 +21,27 @@ from adamix_jax.privacy.transform import dp_aggregate
 from adamix_jax.privacy.transform import DPAggregateState
 from adamix_jax.privacy.transform import private_gradient
 from adamix_jax.privacy.transform import privatize_sum
+
+__all__ = [
+    "ACCOUNTANTS",
+    "BudgetExceededError",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "dp_sgd_event",
+    "PrivacyLedger",
+    "clip_per_example",
+    "clip_scales",
+    "ClippedSum",
+    "clipped_sum",
+    "ClipStats",
+    "per_example_global_norms",
+    "add_gaussian_noise",
+    "clipped_grad_sum",
+    "per_example_grads",
+    "PaddedBatch",
+    "PoissonSampler",
+    "dp_aggregate",
+    "DPAggregateState",
+    "private_gradient",
+    "privatize_sum",
+]

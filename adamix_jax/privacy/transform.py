@@ -50,11 +50,12 @@ class DPAggregateState(NamedTuple):
 
 
 def _check(clip_norm, noise_multiplier, normalizer):
-  if clip_norm <= 0:
+  # `not x > 0` also rejects NaN.
+  if not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}.")
-  if noise_multiplier < 0:
+  if not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-  if normalizer <= 0:
+  if not normalizer > 0:
     raise ValueError(f"normalizer (expected batch size) must be > 0, got "
                      f"{normalizer}.")
 

@@ -31,11 +31,20 @@ class SubspaceSpec:
   kind: "none", "features" or "gradients" (see adamix.subspace).
   rank: its dimension k (capped by the public set size).
   refresh_every: recompute a "gradients" subspace every m steps.
+  method: how a "gradients" subspace is computed: "eigh" (full
+    eigendecomposition of the n x n public Gram every refresh) or
+    "iterative" (the first build by eigh, each refresh by ``iterations``
+    steps of block subspace iteration warm-started from the last basis, then
+    Rayleigh-Ritz; see adamix.subspace).
+  iterations, oversample: of the "iterative" method.
   """
 
   kind: str = "none"
   rank: int = 0
   refresh_every: int = 10
+  method: str = "eigh"
+  iterations: int = 2
+  oversample: int = 10
 
   def __post_init__(self):
     if self.kind not in subspace_lib.SUBSPACE_KINDS:
@@ -46,13 +55,19 @@ class SubspaceSpec:
                        "kind='none' to disable projection.")
     if self.refresh_every <= 0:
       raise ValueError("refresh_every must be > 0.")
+    if self.method not in subspace_lib.GRADIENT_METHODS:
+      raise ValueError(f"subspace method must be one of "
+                       f"{subspace_lib.GRADIENT_METHODS}, got {self.method!r}.")
+    if self.iterations < 0 or self.oversample < 0:
+      raise ValueError("iterations and oversample must be >= 0.")
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
 def _jitted_step(config, state, subspace, public, private_x_aug, private_y,
-                 indices, mask, average_from, lr_scale):
+                 indices, mask, average_from, lr_scale, private_kernel=None):
   return step_lib.train_step(config, state, subspace, public, private_x_aug,
-                             private_y, indices, mask, average_from, lr_scale)
+                             private_y, indices, mask, average_from, lr_scale,
+                             private_kernel)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -70,9 +85,14 @@ def learning_rate_scale(schedule: str, step: int, steps: int) -> float:
 
 def build_subspace(spec: SubspaceSpec, matrix: jax.Array,
                    public: step_lib.PublicData,
-                   fallback_basis: Optional[jax.Array] = None
+                   fallback_basis: Optional[jax.Array] = None,
+                   previous: Optional[subspace_lib.Subspace] = None
                    ) -> subspace_lib.Subspace:
-  """The subspace at the current parameters, from public data only."""
+  """The subspace at the current parameters, from public data only.
+
+  ``previous``: the last subspace, the warm start of an "iterative" refresh
+  (None: the first build, by eigh).
+  """
   if spec.kind == "none":
     return subspace_lib.identity()
   if public.y.shape[0] == 0:
@@ -82,7 +102,42 @@ def build_subspace(spec: SubspaceSpec, matrix: jax.Array,
   if spec.kind == "features":
     return subspace_lib.from_public_features(public.x_aug, spec.rank)
   e = linear.residuals(matrix, public.x_aug, public.y)
-  return subspace_lib.from_public_gradients(public.x_aug, e, spec.rank)
+  if spec.method == "eigh" or previous is None:
+    # (eigh also keeps the top rank + oversample eigenvectors: the warm start.)
+    return subspace_lib.from_public_gradients(
+        public.x_aug, e, spec.rank, public_gram=public.gram,
+        oversample=spec.oversample)
+  return subspace_lib.from_public_gradients(
+      public.x_aug, e, spec.rank, public_gram=public.gram, method="iterative",
+      previous=previous, iterations=spec.iterations,
+      oversample=spec.oversample)
+
+
+_jitted_build = jax.jit(build_subspace, static_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=(1,))
+def _jitted_dual_step(config, state, subspace, public, cache, private_y,
+                      indices, mask, average_from, lr_scale, refresh):
+  return step_lib.dual_train_step(config, state, subspace, public, cache,
+                                  private_y, indices, mask, average_from,
+                                  lr_scale, refresh)
+
+
+REPRESENTATIONS = ("matrix", "dual")
+
+
+def private_public_kernel(private_x_aug: jax.Array, public_x_aug: jax.Array,
+                          chunk: int = 8192) -> jax.Array:
+  """X~ X~p^T (N, n) for every private example, in row chunks.
+
+  A function of the features alone (the public set is public; the private
+  rows are only ever read back by the step for its sampled batch).
+  """
+  product = jax.jit(lambda a, b: a @ b.T)
+  parts = [product(private_x_aug[i:i + chunk], public_x_aug)
+           for i in range(0, private_x_aug.shape[0], chunk)]
+  return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def train_private_head(private_x: np.ndarray,
@@ -102,6 +157,8 @@ def train_private_head(private_x: np.ndarray,
                        fallback_basis: Optional[np.ndarray] = None,
                        on_step: Optional[Callable[[int, step_lib.StepMetrics],
                                                   None]] = None,
+                       cache_private_kernel: bool = False,
+                       representation: str = "matrix",
                        ) -> dict:
   """Runs ``steps`` private steps from ``anchor_params``; returns the params.
 
@@ -125,37 +182,89 @@ def train_private_head(private_x: np.ndarray,
     fallback_basis: (d+1, r) public directions to use as a ``features``
       subspace when there are no public examples (zero-shot head columns).
     on_step: optional callback(step, metrics) for progress/diagnostics.
+    cache_private_kernel: with a "gradients" subspace and the closed form,
+      compute X~ X~p^T (N x n floats) for all private examples once, so each
+      step gathers its batch's rows instead of a B x n x (d+1) product.
+    representation: "matrix" (the parameters are the state) or "dual"
+      (closed form with a "gradients" subspace only: the state is
+      W~_0 + a D + X~p^T S, see step.dual_train_step; it caches the private
+      kernel and logits, N x (n + 2c) floats, and refreshes the subspace
+      inside the step). Same update up to float rounding, fewer flops.
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model.
   """
   learning_rate_scale(lr_schedule, 0, steps)  # validates the name early
+  if representation not in REPRESENTATIONS:
+    raise ValueError(f"representation must be one of {REPRESENTATIONS}, got "
+                     f"{representation!r}.")
+  if representation == "dual" and (subspace.kind != "gradients" or
+                                   config.path != "closed_form" or
+                                   len(public_y) == 0):
+    raise ValueError("representation='dual' needs a 'gradients' subspace, "
+                     "path='closed_form' and public examples.")
   if not 0.0 <= average_tail < 1.0:
     raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
   ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
   sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed)
   private_x_aug = linear.augment(jnp.asarray(private_x, jnp.float32))
   private_y_dev = jnp.asarray(private_y, jnp.int32)
-  public = step_lib.PublicData(
-      x_aug=linear.augment(jnp.asarray(public_x, jnp.float32).reshape(
-          len(public_y), private_x_aug.shape[1] - 1)),
-      y=jnp.asarray(public_y, jnp.int32))
+  public_x_aug = linear.augment(jnp.asarray(public_x, jnp.float32).reshape(
+      len(public_y), private_x_aug.shape[1] - 1))
+  # The public feature Gram never changes: cached for the gradient subspace.
+  public = step_lib.make_public_data(
+      public_x_aug, jnp.asarray(public_y, jnp.int32),
+      cache_gram=subspace.kind == "gradients")
   state = step_lib.init_state(anchor_params, jax.random.key(seed))
   average_from = jnp.int32(int(round(steps * (1.0 - average_tail))))
   basis = None if fallback_basis is None else jnp.asarray(fallback_basis)
-  current = build_subspace(subspace, state.matrix, public, basis)
+  current = _jitted_build(subspace, state.matrix, public, basis)
+  if representation == "dual":
+    return _train_dual(private_x_aug, private_y_dev, public, anchor_params,
+                       config, current, steps=steps,
+                       sampling_rate=sampling_rate, sampler=sampler,
+                       seed=seed, ledger=ledger, subspace=subspace,
+                       average_from=average_from, average_tail=average_tail,
+                       lr_schedule=lr_schedule, on_step=on_step)
+  kernel = None
+  if (cache_private_kernel and current.kind == "gradients" and
+      config.path == "closed_form"):
+    kernel = private_public_kernel(private_x_aug, public.x_aug)
   for t in range(steps):
     if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
-      current = build_subspace(subspace, state.matrix, public, basis)
+      current = _jitted_build(subspace, state.matrix, public, basis, current)
     batch = sampler.batch(t)
     state, metrics = _jitted_step(config, state, current, public,
                                   private_x_aug, private_y_dev,
                                   jnp.asarray(batch.indices),
                                   jnp.asarray(batch.mask), average_from,
                                   jnp.float32(learning_rate_scale(
-                                      lr_schedule, t, steps)))
+                                      lr_schedule, t, steps)), kernel)
     ledger.record(config.noise_multiplier, sampling_rate)
     if on_step is not None:
       on_step(t, metrics)
   final = state.average if average_tail > 0 else state.matrix
+  return jax.tree_util.tree_map(np.asarray, linear.unstack(final))
+
+
+def _train_dual(private_x_aug, private_y, public, anchor_params, config,
+                current, *, steps, sampling_rate, sampler, seed, ledger,
+                subspace, average_from, average_tail, lr_schedule, on_step):
+  """The loop of ``train_private_head`` in the dual form."""
+  state, cache = step_lib.init_dual(
+      anchor_params, public, private_x_aug, jax.random.key(seed),
+      private_kernel=private_public_kernel(private_x_aug, public.x_aug))
+  refresh = step_lib.BasisRefresh(subspace.rank, subspace.method,
+                                  subspace.iterations, subspace.oversample)
+  for t in range(steps):
+    batch = sampler.batch(t)
+    state, metrics, current = _jitted_dual_step(
+        config, state, current, public, cache, private_y,
+        jnp.asarray(batch.indices), jnp.asarray(batch.mask), average_from,
+        jnp.float32(learning_rate_scale(lr_schedule, t, steps)),
+        refresh if t % subspace.refresh_every == 0 and t else None)
+    ledger.record(config.noise_multiplier, sampling_rate)
+    if on_step is not None:
+      on_step(t, metrics)
+  final = step_lib.dual_matrix(state, cache, public, average=average_tail > 0)
   return jax.tree_util.tree_map(np.asarray, linear.unstack(final))

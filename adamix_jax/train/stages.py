@@ -14,9 +14,9 @@ output already exists, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -349,11 +349,10 @@ def load_seed(config, workdir: Workdir, seed: int,
 
 
 def public_weight(config, seed_data: SeedData) -> float:
-  weight = config.adamix.public_weight
-  if weight == "set_size":
+  if config.adamix.public_weight_by_set_size:
     n_pub, n_priv = len(seed_data.public_y), len(seed_data.private_y)
     return n_pub / (n_pub + n_priv)
-  return float(weight)
+  return float(config.adamix.public_weight)
 
 
 def step_config(config, method: str, sigma: float,
@@ -383,9 +382,14 @@ def check_delta(config, num_private: int) -> None:
 
 def train_dp_method(config, method: str, epsilon: float, seed: int,
                     seed_data: SeedData,
-                    ledger: Optional[accounting.PrivacyLedger] = None
+                    ledger: Optional[accounting.PrivacyLedger] = None,
+                    mesh=None
                     ) -> tuple[dict, accounting.PrivacyLedger, dict]:
-  """Trains dp_sgd or adamix for one (epsilon, seed); returns params, ledger."""
+  """Trains dp_sgd or adamix for one (epsilon, seed); returns params, ledger.
+
+  With a ``mesh`` (``adamix_jax.parallel.make_data_mesh``) the private step
+  runs data parallel over it; the result is the same up to float rounding.
+  """
   train = config.train
   steps = num_steps(config)
   check_delta(config, len(seed_data.private_y))
@@ -413,7 +417,12 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
         config.adamix.refresh_every)
     if seed_data.zero_shot:
       fallback = linear.stack(seed_data.public_params)
-  params = private_linear.train_private_head(
+  train_head = private_linear.train_private_head
+  if mesh is not None:
+    from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
+    train_head = functools.partial(parallel.train_private_head_sharded,
+                                   mesh=mesh)
+  params = train_head(
       seed_data.private_x, seed_data.private_y, public_x, public_y, anchor, cfg,
       steps=steps, sampling_rate=train.sampling_rate, seed=seed, ledger=ledger,
       subspace=subspace, average_tail=train.average_tail,
@@ -438,7 +447,7 @@ def _private_jobs(config) -> list[tuple[str, Optional[float], int]]:
   return jobs
 
 
-def run_private(config, workdir: Workdir) -> None:
+def run_private(config, workdir: Workdir, mesh=None) -> None:
   jobs = [j for j in _private_jobs(config)
           if not os.path.exists(os.path.join(workdir.run_dir(*_key(j)),
                                              "params.npz"))]
@@ -464,7 +473,8 @@ def run_private(config, workdir: Workdir) -> None:
       meta = {"method": method, "seed": seed, "weight_decay": cv.weight_decay,
               "cv_errors": cv.cv_errors}
     else:
-      params, ledger, meta = train_dp_method(config, method, epsilon, seed, data)
+      params, ledger, meta = train_dp_method(config, method, epsilon, seed, data,
+                                             mesh=mesh)
       ledger.save(os.path.join(out, "ledger.json"))
     meta["seconds"] = round(time.time() - start, 3)
     io.save_json(os.path.join(out, "meta.json"), meta)
@@ -526,7 +536,8 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
             f"No accounting for {method} eps={epsilon} seed={seed}: run the "
             "'accounting' stage before 'report'.")
       records.append({
-          "dataset": config.dataset, "method": method,
+          "dataset": config.get("dataset_label") or config.dataset,
+          "method": method,
           "epsilon": epsilon, "delta": config.delta if epsilon else None,
           "seed": seed, "public_per_class": config.public_per_class,
           "test_error": linear.error_rate(params, data.test_x, data.test_y),
@@ -558,7 +569,9 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        stages: Iterable[str] = STAGES, command: str = "") -> list[dict] | None:
+        stages: Iterable[str] = STAGES, command: str = "",
+        mesh=None) -> list[dict] | None:
+  """Runs ``stages`` in order; ``mesh``: data-parallel private steps."""
   stages = list(stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
@@ -568,7 +581,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   check_or_save_config(config, wd)
   runners = {"features": run_features, "public_init": run_public_init,
-             "private": run_private, "accounting": run_accounting}
+             "private": functools.partial(run_private, mesh=mesh),
+             "accounting": run_accounting}
   records = None
   for stage in STAGES:
     if stage not in stages:
@@ -578,5 +592,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       records = run_report(config, wd, command)
     else:
       runners[stage](config, wd)
-    logger.info("stage %s done in %.1fs", stage, time.time() - start)
+    if config.progress:
+      print(f"stage {stage}: done in {time.time() - start:.1f}s", flush=True)
   return records

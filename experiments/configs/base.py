@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.adamix.subspace = "none"  # "none" | "features" | "gradients"
   config.adamix.subspace_rank = 0
   config.adamix.refresh_every = 10
-  config.adamix.public_weight = 0.0  # alpha; "set size" = n_pub/(n_pub+n_priv)
+  config.adamix.public_weight = 0.0  # alpha, the exact public gradient's weight
+  # The paper mixes at set-size weight alpha = n_pub / (n_pub + n_priv).
+  config.adamix.public_weight_by_set_size = True
   config.adamix.pull = 0.0  # lambda * (w - w_0)
 
   # --- zero-shot (no public images) ----------------------------------------

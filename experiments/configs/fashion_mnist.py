@@ -1,8 +1,9 @@
 """Fashion-MNIST on ImageNet EfficientNet-Lite0 features (offline, real data).
 
-Run (all four methods x epsilon {1, 3, 8} x 3 seeds; ~10 minutes on 2 CPU
-cores the first time, most of it embedding ~13k images, ~1 minute once the
-features are cached):
+Run (all four methods x epsilon {1, 3, 8} x 3 seeds; 16 minutes on 2 busy
+CPU cores the first time, 7 of them embedding 13k images; 13 minutes once the
+features are cached, most of it the paragon's cross-validation; see
+experiments/results/fashion_mnist_effnet/README.md):
 
   python -m launch.main --config experiments/configs/fashion_mnist.py --workdir /tmp/fmnist_effnet
 

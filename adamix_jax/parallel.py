@@ -1,0 +1,327 @@
+"""Data parallelism for the private step: a ``jax.sharding.Mesh`` with a
+``data`` axis, and ``jax.jit`` with ``NamedSharding`` in/out shardings.
+
+Why jit + NamedSharding (not pmap): GSPMD partitions the *global* program.
+The per-example work (gradients, projections, clipping) runs on each
+device's shard of the batch; the clipped sum over the batch axis becomes a
+cross-device reduction (an all-reduce); and the Gaussian noise, drawn from
+the replicated key, is part of the global program, so it is added ONCE to
+the global sum (DESIGN.md invariant 2), whatever the device count. With
+pmap each device would run its own copy of the step and a per-device noise
+draw before a ``psum`` would be an easy, silent mistake.
+
+Layout of the linear-head step (``train_private_head_sharded``):
+
+* replicated: the state (W~_t, anchor, average, key), the public set, the
+  subspace, and the private set's features (a frozen-feature matrix; the
+  step gathers its batch rows on device);
+* sharded on ``data``: the padded batch indices and mask. The on-device
+  gather ``x[indices]`` then yields a batch sharded on ``data``, and the
+  per-example work runs where its rows are.
+
+Every global array is built with ``jax.make_array_from_callback`` from a
+host value that every process holds (the sampler is deterministic in
+(seed, step)), so the same code runs on one host or on a multi-host pod
+after ``initialize_multihost()``.
+
+Example::
+
+  mesh = parallel.make_data_mesh()             # all devices on one axis
+  params = parallel.train_private_head_sharded(
+      x_priv, y_priv, x_pub, y_pub, w0, step_config, steps=100,
+      sampling_rate=0.1, seed=0, ledger=ledger, mesh=mesh)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adamix_jax.adamix import step as step_lib
+from adamix_jax.privacy import accounting
+from adamix_jax.privacy import sampler as sampler_lib
+from adamix_jax.train import private_linear
+
+DATA_AXIS = "data"
+PyTree = Any
+
+logger = logging.getLogger(__name__)
+
+
+# --- multi-host --------------------------------------------------------------
+
+
+def initialize_multihost(**kwargs: Any) -> None:
+  """Calls ``jax.distributed.initialize(**kwargs)`` once per process.
+
+  On a Cloud TPU pod every argument is auto-detected, so run the SAME
+  command on every host (``gcloud compute tpus tpu-vm ssh NAME --worker=all
+  --command="python -m launch.main --multihost ..."``). On other clusters
+  pass ``coordinator_address``, ``num_processes`` and ``process_id``.
+  Must run before any other JAX call touches the devices.
+  """
+  jax.distributed.initialize(**kwargs)
+  logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
+              jax.process_index(), jax.process_count(),
+              jax.local_device_count(), jax.device_count())
+
+
+# --- mesh and placement --------------------------------------------------------
+
+
+def make_data_mesh(num_devices: Optional[int] = None,
+                   devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh over ``num_devices`` devices (default: all) named ``data``.
+
+  Args:
+    num_devices: how many of ``jax.devices()`` to use (the first ones).
+    devices: explicit devices instead (overrides ``num_devices``).
+  """
+  if devices is None:
+    available = jax.devices()
+    if num_devices is None:
+      num_devices = len(available)
+    if not 1 <= num_devices <= len(available):
+      raise ValueError(f"num_devices={num_devices} but {len(available)} "
+                       "device(s) are available.")
+    devices = available[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``; other axes replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _to_global(value, sharding: NamedSharding) -> jax.Array:
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding,
+                                      lambda index: value[index])
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Every array leaf as a global array replicated on every device of mesh.
+
+  Leaves must be numeric host/device arrays that every process holds
+  identically (PRNG keys: create them inside a jit with replicated
+  out_shardings instead; see ``replicated_key``).
+  """
+  sharding = replicated_sharding(mesh)
+  return jax.tree_util.tree_map(lambda x: _to_global(x, sharding), tree)
+
+
+def pad_to_multiple(tree: PyTree, multiple: int,
+                    mask: Optional[np.ndarray] = None
+                    ) -> tuple[PyTree, np.ndarray]:
+  """Pads every leaf's leading axis with zeros to a multiple of ``multiple``.
+
+  Returns (padded tree, mask) with mask 1 for the original rows (or the
+  given ``mask``, padded with zeros): padding rows must be masked so that
+  they contribute exactly zero (DESIGN.md invariant 1).
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  sizes = {np.shape(x)[0] for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"All leaves need the same leading size, got {sizes}.")
+  size = sizes.pop()
+  padded = sampler_lib.round_up(max(size, 1), multiple)
+  if mask is None:
+    mask = np.ones(size, np.float32)
+  mask = np.concatenate([np.asarray(mask, np.float32),
+                         np.zeros(padded - size, np.float32)])
+
+  def pad(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((padded - size,) + x.shape[1:],
+                                       x.dtype)])
+
+  return jax.tree_util.tree_map(pad, tree), mask
+
+
+def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Global arrays split along the leading axis over ``data``.
+
+  The leading size must be a multiple of ``mesh.size`` (use
+  ``pad_to_multiple`` or a sampler with ``pad_multiple=mesh.size``).
+  """
+  sharding = data_sharding(mesh)
+
+  def put(x):
+    if np.shape(x)[0] % mesh.size:
+      raise ValueError(
+          f"Leading size {np.shape(x)[0]} is not a multiple of the "
+          f"{mesh.size} devices of the mesh: pad it first (pad_to_multiple, "
+          "or PoissonSampler(pad_multiple=mesh.size)); padding rows must be "
+          "masked.")
+    return _to_global(x, sharding)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _key_fn(mesh: Mesh):
+  return jax.jit(jax.random.key, out_shardings=replicated_sharding(mesh))
+
+
+def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
+  """``jax.random.key(seed)``, replicated on the mesh (same on every host)."""
+  return _key_fn(mesh)(replicate(np.uint32(seed), mesh))
+
+
+# --- the sharded linear-head loop -------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_step_fn(mesh: Mesh, config: step_lib.StepConfig) -> Callable:
+  """``step.train_step`` jitted for ``mesh`` (cached per (mesh, config)).
+
+  Signature: (state, subspace, public, private_x_aug, private_y, indices,
+  mask, average_from, lr_scale, private_kernel) -> (state, metrics).
+  ``indices`` and ``mask`` are sharded on ``data``, everything else
+  replicated (``private_kernel`` may be None); the state is donated.
+  """
+  repl, data = replicated_sharding(mesh), data_sharding(mesh)
+  return jax.jit(
+      functools.partial(step_lib.train_step, config),
+      in_shardings=(repl, repl, repl, repl, repl, data, data, repl, repl,
+                    repl),
+      out_shardings=(repl, repl),
+      donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_state_fn(mesh: Mesh):
+  def init(anchor_params, seed):
+    return step_lib.init_state(anchor_params, jax.random.key(seed))
+  return jax.jit(init, out_shardings=replicated_sharding(mesh))
+
+
+def init_state(anchor_params: dict, seed: int, mesh: Mesh
+               ) -> step_lib.TrainState:
+  """``step.init_state(anchor, jax.random.key(seed))``, replicated on mesh."""
+  anchor = replicate({k: np.asarray(v, np.float32)
+                      for k, v in anchor_params.items()}, mesh)
+  return _init_state_fn(mesh)(anchor, replicate(np.uint32(seed), mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_subspace_fn(mesh: Mesh, spec: private_linear.SubspaceSpec):
+  return jax.jit(functools.partial(private_linear.build_subspace, spec),
+                 out_shardings=replicated_sharding(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _public_data_fn(mesh: Mesh, cache_gram: bool):
+  return jax.jit(functools.partial(step_lib.make_public_data,
+                                   cache_gram=cache_gram),
+                 out_shardings=replicated_sharding(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _private_kernel_fn(mesh: Mesh):
+  return jax.jit(private_linear.private_public_kernel,
+                 out_shardings=replicated_sharding(mesh))
+
+
+def _augment(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return np.concatenate([x, np.ones(x.shape[:-1] + (1,), np.float32)], -1)
+
+
+def _unstack(matrix: np.ndarray) -> dict:
+  return {"kernel": matrix[:-1], "bias": matrix[-1]}
+
+
+def train_private_head_sharded(
+    private_x: np.ndarray,
+    private_y: np.ndarray,
+    public_x: np.ndarray,
+    public_y: np.ndarray,
+    anchor_params: dict,
+    config: step_lib.StepConfig,
+    *,
+    steps: int,
+    sampling_rate: float,
+    seed: int,
+    ledger: accounting.PrivacyLedger,
+    subspace: private_linear.SubspaceSpec = private_linear.SubspaceSpec(),
+    average_tail: float = 0.5,
+    lr_schedule: str = "constant",
+    fallback_basis: Optional[np.ndarray] = None,
+    on_step: Optional[Callable[[int, step_lib.StepMetrics], None]] = None,
+    cache_private_kernel: bool = False,
+    representation: str = "matrix",
+    mesh: Optional[Mesh] = None,
+) -> dict:
+  """``private_linear.train_private_head``, data parallel over ``mesh``.
+
+  Same arguments, same result (up to float summation order) for the same
+  seed: the sampler draws the same indices (only the padding differs: the
+  padded size is a multiple of ``mesh.size``), the noise comes from the
+  same replicated key, and the subspace is refreshed the same way.
+  ``mesh`` defaults to all devices. ``representation="dual"`` is not data
+  parallel (yet): use the single-device loop for it.
+
+  Returns:
+    ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
+  """
+  mesh = make_data_mesh() if mesh is None else mesh
+  private_linear.learning_rate_scale(lr_schedule, 0, steps)  # validates name
+  if representation != "matrix":
+    raise ValueError(f"representation={representation!r} is not supported "
+                     "data parallel; use 'matrix' (the same update).")
+  if not 0.0 <= average_tail < 1.0:
+    raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
+  ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
+  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed,
+                                       pad_multiple=mesh.size)
+  private_x_aug = _augment(private_x)
+  dim = private_x_aug.shape[1] - 1
+  private = replicate((private_x_aug, np.asarray(private_y, np.int32)), mesh)
+  public_arrays = replicate(
+      (_augment(np.asarray(public_x, np.float32).reshape(len(public_y), dim)),
+       np.asarray(public_y, np.int32)), mesh)
+  # As the single-device loop: the public Gram cached for gradient subspaces.
+  public = _public_data_fn(mesh, subspace.kind == "gradients")(*public_arrays)
+  state = init_state(anchor_params, seed, mesh)
+  average_from = replicate(np.int32(int(round(steps * (1.0 - average_tail)))),
+                           mesh)
+  basis = None
+  if fallback_basis is not None:
+    basis = replicate(np.asarray(fallback_basis, np.float32), mesh)
+  # The subspace is computed from public arrays (replicated): its outputs are
+  # replicated global arrays, which the jitted step takes as they are.
+  build = _build_subspace_fn(mesh, subspace)
+  current = build(state.matrix, public, basis)
+  kernel = None
+  if (cache_private_kernel and current.kind == "gradients" and
+      config.path == "closed_form"):
+    kernel = _private_kernel_fn(mesh)(private[0], public.x_aug)
+  step_fn = sharded_step_fn(mesh, config)
+  for t in range(steps):
+    if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
+      current = build(state.matrix, public, basis, current)
+    batch = sampler.batch(t)
+    indices, mask = shard_batch(
+        (batch.indices.astype(np.int32), batch.mask), mesh)
+    lr_scale = replicate(np.float32(private_linear.learning_rate_scale(
+        lr_schedule, t, steps)), mesh)
+    state, metrics = step_fn(state, current, public, private[0], private[1],
+                             indices, mask, average_from, lr_scale, kernel)
+    ledger.record(config.noise_multiplier, sampling_rate)
+    if on_step is not None:
+      on_step(t, metrics)
+  final = state.average if average_tail > 0 else state.matrix
+  return _unstack(np.asarray(final))

@@ -1,0 +1,593 @@
+r"""Speed of one private step on a linear head, against the non-private floor.
+
+  python experiments/benchmarks/step_speed.py --json /tmp/step_speed.json
+  python experiments/benchmarks/step_speed.py --quick          # small grid
+
+For each (feature dim d, classes c, batch B), with a public set of
+``--public-per-class`` examples per class (n = 5c) and a private set of
+``--private-multiple`` x B examples on the device, it times (after warm-up,
+``--repeats`` interleaved rounds, median, ``jax.block_until_ready``):
+
+* ``non_private``: the floor, a jitted forward + backward + SGD update on the
+  gathered batch;
+* ``dp_sgd`` via ``vmap`` (explicit per-example gradients) and via the
+  ``closed_form`` (norms ||x|| ||e|| and one X^T diag(s) E product);
+* ``adamix`` (public-gradient subspace of rank k, adaptive threshold, public
+  gradient mixed in) via the ``closed_form`` with the basis recomputed every
+  step and every 10 steps (10 steps including one refresh, divided by 10),
+  using the cached public Gram, the cached private-public kernel and the
+  warm-started iterative basis; ``closed_form_uncached`` is the same step
+  without any cache and with a full ``eigh`` per refresh (the pre-speed-up
+  code path); ``vmap`` when its per-example gradients fit under
+  ``--vmap-limit-gib`` (B (d+1) c 4 bytes, plus B n c 4 for the projections),
+  timed per step and amortised as step + refresh / 10.
+
+Then, unless ``--no-e2e``, the end-to-end digits run (``python -m
+launch.main`` on experiments/configs/digits.py into a temporary workdir).
+
+Peak memory is XLA's buffer assignment for the compiled step
+(``memory_analysis()``): ``peak_bytes`` (arguments, including the on-device
+private set, + outputs + scratch) and ``temp_bytes`` (scratch alone). The
+timings depend on the machine's load: the 1-minute load average is printed
+and stored with each record. On a GPU/TPU host the same command runs on the
+default JAX backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+# LAPACK (the small eigh / Cholesky of the basis refresh) runs on OpenBLAS,
+# whose worker threads spin: on a loaded or small shared CPU one 110 x 110
+# eigh then takes ~200 ms instead of ~0.5 ms. One thread is the right choice
+# for these tiny factorizations (XLA's own matmuls are unaffected). Set the
+# variable before running to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import subspace as subspace_lib
+from adamix_jax.models import linear
+from adamix_jax.train import private_linear
+
+GIB = 2**30
+MIB = 2**20
+LEARNING_RATE = 0.1
+NUM_INDEX_SETS = 8
+
+
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def _memory(jitted, *args) -> dict:
+  """XLA's buffer-assignment and cost figures for ``jitted(*args)``.
+
+  ``peak_bytes``/``temp_bytes`` from ``memory_analysis()``, ``xla_gflop``
+  (flops of one call, load-independent) from ``cost_analysis()``; None
+  where the backend does not report them.
+  """
+  out = {"peak_bytes": None, "temp_bytes": None, "xla_gflop": None}
+  try:
+    compiled = jitted.lower(*args).compile()
+  except Exception:  # pylint: disable=broad-except
+    return out
+  try:
+    stats = compiled.memory_analysis()
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    if peak is None:
+      peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
+              stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    out.update(peak_bytes=int(peak), temp_bytes=int(stats.temp_size_in_bytes))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    out["xla_gflop"] = round(float(cost["flops"]) / 1e9, 3)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+@dataclasses.dataclass
+class Problem:
+  dim: int
+  classes: int
+  batch: int
+  private_x_aug: jax.Array
+  private_y: jax.Array
+  public: step_lib.PublicData  # with the cached Gram
+  public_plain: step_lib.PublicData  # without it
+  anchor: dict
+  indices: list
+  mask: jax.Array
+
+
+def make_problem(dim: int, classes: int, batch: int, public_per_class: int,
+                 private_multiple: int, seed: int = 0) -> Problem:
+  """Unit-norm features around class means; a random start near the anchor."""
+  rng = np.random.default_rng(seed)
+  num_private = private_multiple * batch
+  means = rng.normal(size=(classes, dim)).astype(np.float32)
+
+  def sample(labels):
+    x = means[labels] + 2.0 * rng.normal(size=(len(labels), dim)).astype(
+        np.float32)
+    return linear.normalize_features(x)
+
+  private_y = rng.integers(0, classes, num_private)
+  public_y = np.repeat(np.arange(classes), public_per_class)
+  public_x_aug = linear.augment(jnp.asarray(sample(public_y)))
+  anchor = {"kernel": jnp.asarray(0.5 * means.T / np.sqrt(dim), jnp.float32),
+            "bias": jnp.zeros((classes,), jnp.float32)}
+  public_y_dev = jnp.asarray(public_y, jnp.int32)
+  return Problem(
+      dim=dim, classes=classes, batch=batch,
+      private_x_aug=linear.augment(jnp.asarray(sample(private_y))),
+      private_y=jnp.asarray(private_y, jnp.int32),
+      public=step_lib.make_public_data(public_x_aug, public_y_dev),
+      public_plain=step_lib.PublicData(x_aug=public_x_aug, y=public_y_dev),
+      anchor=anchor,
+      indices=[jnp.asarray(rng.choice(num_private, batch, replace=False),
+                           jnp.int32) for _ in range(NUM_INDEX_SETS)],
+      mask=jnp.ones((batch,), jnp.float32))
+
+
+@dataclasses.dataclass
+class Method:
+  """A timed unit: ``run()`` does ``steps`` steps and blocks on the result."""
+
+  method: str
+  path: str
+  run: Callable[[], None]
+  steps: int = 1
+  refresh_every: Optional[int] = None
+  memory: Optional[dict] = None
+  extra: dict = dataclasses.field(default_factory=dict)
+  times: list = dataclasses.field(default_factory=list)
+  # ms per step = combine(median unit times) (amortised vmap refresh).
+  combine: Optional[Callable[[], float]] = None
+
+
+def _nonprivate_method(p: Problem) -> Method:
+  def update(matrix, x_all, y_all, idx):
+    x, y = x_all[idx], y_all[idx]
+    loss = lambda m: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(x @ m, y))
+    return matrix - LEARNING_RATE * jax.grad(loss)(matrix)
+
+  jitted = jax.jit(update, donate_argnums=(0,))
+  box = {"matrix": jnp.array(linear.stack(p.anchor), copy=True), "t": 0}
+  memory = _memory(jitted, box["matrix"], p.private_x_aug, p.private_y,
+                   p.indices[0])
+
+  def run():
+    box["t"] += 1
+    box["matrix"] = jitted(box["matrix"], p.private_x_aug, p.private_y,
+                           p.indices[box["t"] % NUM_INDEX_SETS])
+    jax.block_until_ready(box["matrix"])
+
+  return Method("non_private", "sgd", run, memory=memory)
+
+
+class _StepRunner:
+  """Threads a donated TrainState through a jitted train_step."""
+
+  def __init__(self, config: step_lib.StepConfig, p: Problem,
+               public: step_lib.PublicData, kernel=None):
+    self.config, self.p, self.public, self.kernel = config, p, public, kernel
+    self.jitted = jax.jit(functools.partial(step_lib.train_step, config),
+                          donate_argnums=(0,))
+    self.state = step_lib.init_state(p.anchor, jax.random.key(0))
+    self.t = 0
+
+  def args(self, subspace):
+    p = self.p
+    return (self.state, subspace, self.public, p.private_x_aug, p.private_y,
+            p.indices[self.t % NUM_INDEX_SETS], p.mask, jnp.int32(0),
+            jnp.float32(1.0), self.kernel)
+
+  def step(self, subspace):
+    self.t += 1
+    self.state, metrics = self.jitted(*self.args(subspace))
+    return metrics
+
+  def memory(self, subspace):
+    return _memory(self.jitted, *self.args(subspace))
+
+
+def _dp_sgd_method(p: Problem, path: str, microbatch: Optional[int]) -> Method:
+  config = step_lib.StepConfig(
+      noise_multiplier=1.0, expected_batch_size=float(p.batch),
+      learning_rate=LEARNING_RATE, clip_norm=1.0, path=path,
+      microbatch_size=microbatch if path == "vmap" else None)
+  empty = step_lib.PublicData(x_aug=p.public.x_aug[:0], y=p.public.y[:0])
+  runner = _StepRunner(config, p, empty)
+  subspace = subspace_lib.identity()
+
+  def run():
+    jax.block_until_ready(runner.step(subspace).threshold)
+    jax.block_until_ready(runner.state.matrix)
+
+  return Method("dp_sgd", path, run, memory=runner.memory(subspace))
+
+
+_build = jax.jit(private_linear.build_subspace, static_argnums=(0,))
+
+
+def _adamix_config(p: Problem, path: str,
+                   microbatch: Optional[int]) -> step_lib.StepConfig:
+  num_public = p.public.y.shape[0]
+  num_private = p.private_y.shape[0]
+  return step_lib.StepConfig(
+      noise_multiplier=1.0, expected_batch_size=float(p.batch),
+      learning_rate=LEARNING_RATE, adaptive_threshold=True,
+      threshold_quantile=0.5,
+      public_weight=num_public / (num_public + num_private), path=path,
+      microbatch_size=microbatch if path == "vmap" else None)
+
+
+def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
+  methods = []
+  rank = min(args.rank, p.public.y.shape[0])
+  spec = private_linear.SubspaceSpec(
+      "gradients", rank, 1, method="iterative", iterations=args.iterations,
+      oversample=args.oversample)
+  kernel = private_linear.private_public_kernel(p.private_x_aug, p.public.x_aug)
+  extra = {"rank": rank, "public_examples": int(p.public.y.shape[0]),
+           "basis": f"iterative({args.iterations} it, +{args.oversample})",
+           "private_kernel_cached": True, "public_gram_cached": True}
+
+  for refresh in (1, 10):
+    runner = _StepRunner(_adamix_config(p, "closed_form", None), p, p.public,
+                         kernel)
+    box = {"sub": _build(spec, runner.state.matrix, p.public, None, None)}
+
+    def run(runner=runner, box=box, refresh=refresh):
+      for t in range(refresh):
+        if t == 0:
+          box["sub"] = _build(spec, runner.state.matrix, p.public, None,
+                              box["sub"])
+        runner.step(box["sub"])
+      jax.block_until_ready(runner.state.matrix)
+
+    methods.append(Method("adamix", "closed_form", run, steps=refresh,
+                          refresh_every=refresh,
+                          memory=runner.memory(box["sub"]), extra=dict(extra)))
+
+  # The dual form: state W~_0 + a D + X~p^T S, subspace refreshed in-step.
+  dual_step = jax.jit(step_lib.dual_train_step, static_argnums=(0, 10),
+                      donate_argnums=(1,))
+  refresh_spec = step_lib.BasisRefresh(rank, spec.method, spec.iterations,
+                                       spec.oversample)
+  for refresh in (1, 10):
+    config = _adamix_config(p, "closed_form", None)
+    state, cache = step_lib.init_dual(p.anchor, p.public, p.private_x_aug,
+                                      jax.random.key(0), private_kernel=kernel)
+    box = {"state": state, "t": 0,
+           "sub": _build(spec, linear.stack(p.anchor), p.public, None, None)}
+
+    def dual_args(box, refresh_now, config=config, cache=cache):
+      return (config, box["state"], box["sub"], p.public, cache, p.private_y,
+              p.indices[box["t"] % NUM_INDEX_SETS], p.mask, jnp.int32(0),
+              jnp.float32(1.0), refresh_spec if refresh_now else None)
+
+    def run_dual(box=box, refresh=refresh, dual_args=dual_args):
+      for t in range(refresh):
+        box["t"] += 1
+        box["state"], _, box["sub"] = dual_step(*dual_args(box, t == 0))
+      jax.block_until_ready(box["state"].coef)
+
+    memory = _memory(dual_step, *dual_args(box, True))
+    methods.append(Method("adamix", "closed_form_dual", run_dual,
+                          steps=refresh, refresh_every=refresh, memory=memory,
+                          extra=dict(extra, representation="dual",
+                                     basis_refresh="in-step")))
+
+  if args.baseline:
+    # Before the speed-up: no Gram / kernel caches, a full eigh per refresh.
+    eigh_spec = dataclasses.replace(spec, method="eigh")
+    runner = _StepRunner(_adamix_config(p, "closed_form", None), p,
+                         p.public_plain)
+    box = {"sub": _build(eigh_spec, runner.state.matrix, p.public_plain, None,
+                         None)}
+
+    def run_uncached(runner=runner, box=box):
+      for t in range(10):
+        if t == 0:
+          box["sub"] = _build(eigh_spec, runner.state.matrix, p.public_plain,
+                              None, None)
+        runner.step(box["sub"])
+      jax.block_until_ready(runner.state.matrix)
+
+    methods.append(Method(
+        "adamix", "closed_form_uncached", run_uncached, steps=10,
+        refresh_every=10, memory=runner.memory(box["sub"]),
+        extra={"rank": rank, "public_examples": int(p.public.y.shape[0]),
+               "basis": "eigh", "private_kernel_cached": False,
+               "public_gram_cached": False}))
+
+  if vmap_fits:
+    runner = _StepRunner(_adamix_config(p, "vmap", args.microbatch), p,
+                         p.public)
+    box = {"sub": _build(spec, runner.state.matrix, p.public, None, None)}
+
+    def run_vmap_step(runner=runner, box=box):
+      runner.step(box["sub"])
+      jax.block_until_ready(runner.state.matrix)
+
+    def run_refresh(runner=runner, box=box):
+      box["sub"] = _build(spec, runner.state.matrix, p.public, None,
+                          box["sub"])
+      jax.block_until_ready(box["sub"].mixing)
+
+    step_m = Method("adamix", "vmap", run_vmap_step, refresh_every=None,
+                    memory=runner.memory(box["sub"]),
+                    extra=dict(extra, private_kernel_cached=False,
+                               microbatch_size=args.microbatch))
+    refresh_m = Method("basis_refresh", "iterative", run_refresh,
+                       extra=dict(extra))
+    amortised = Method(
+        "adamix", "vmap", lambda: None, refresh_every=10,
+        memory=step_m.memory,
+        extra=dict(step_m.extra, timing="step + refresh / 10"),
+        combine=lambda s=step_m, r=refresh_m: (
+            statistics.median(s.times) + statistics.median(r.times) / 10))
+    methods += [step_m, refresh_m, amortised]
+  return methods
+
+
+def benchmark_config(dim: int, classes: int, batch: int, args) -> list[dict]:
+  p = make_problem(dim, classes, batch, args.public_per_class,
+                   args.private_multiple)
+  n = p.public.y.shape[0]
+  grads_bytes = batch * (dim + 1) * classes * 4
+  limit = args.vmap_limit_gib * GIB
+  per_example_rows = batch if args.microbatch is None else min(
+      batch, args.microbatch)
+  dp_vmap_bytes = per_example_rows * (dim + 1) * classes * 4
+  adamix_vmap_bytes = dp_vmap_bytes + per_example_rows * n * classes * 4
+  methods = [_nonprivate_method(p), _dp_sgd_method(p, "closed_form", None)]
+  skipped = []
+  if dp_vmap_bytes <= limit:
+    methods.append(_dp_sgd_method(p, "vmap", args.microbatch))
+  else:
+    skipped.append(("dp_sgd", "vmap", dp_vmap_bytes))
+  methods += _adamix_methods(p, args, adamix_vmap_bytes <= limit)
+  if adamix_vmap_bytes > limit:
+    skipped.append(("adamix", "vmap", adamix_vmap_bytes))
+  for method, path, need in skipped:
+    print(f"  skip {method}/{path} at d={dim} c={classes} B={batch}: per-example "
+          f"gradients need ~{need / GIB:.1f} GiB > --vmap-limit-gib="
+          f"{args.vmap_limit_gib:g}", flush=True)
+
+  timed = [m for m in methods if m.combine is None]
+  for m in timed:  # warm-up (compiles)
+    m.run()
+    start = time.perf_counter()
+    m.run()
+    m.extra["_unit_s"] = time.perf_counter() - start
+  load_before = _load()
+  # Fast units: interleaved rounds, so that load drifts hit all alike; slow
+  # ones (the vmap paths at large sizes) afterwards, --slow-repeats times.
+  fast = [m for m in timed if m.extra["_unit_s"] <= args.slow_seconds]
+  slow = [m for m in timed if m.extra["_unit_s"] > args.slow_seconds]
+  rounds = [(r, fast) for r in range(args.repeats)]
+  rounds += [(r, [m]) for m in slow for r in range(args.slow_repeats)]
+  for _, group in rounds:
+    for m in group:
+      cpu, start = time.process_time(), time.perf_counter()
+      m.run()
+      m.times.append((time.perf_counter() - start) / m.steps)
+      m.extra.setdefault("_cpu", []).append(
+          (time.process_time() - cpu) / m.steps)
+  load = 0.5 * (load_before + _load())
+
+  floor = statistics.median(methods[0].times)
+  records = []
+  for m in methods:
+    seconds = m.combine() if m.combine else statistics.median(m.times)
+    extra = {k: v for k, v in m.extra.items() if not k.startswith("_")}
+    record = {
+        "d": dim, "classes": classes, "batch": batch, "method": m.method,
+        "path": m.path, "ms_per_step": 1e3 * seconds,
+        "examples_per_s": batch / seconds,
+        "ratio_to_nonprivate": seconds / floor,
+        "refresh_every": m.refresh_every,
+        "repeats": len(m.times) if m.combine is None else None,
+        "ms_min": None if m.combine else 1e3 * min(m.times),
+        "cpu_ms_per_step": (None if m.combine else
+                            1e3 * statistics.median(m.extra["_cpu"])),
+        "xla_gflop": (m.memory or {}).get("xla_gflop"),
+        "peak_bytes": (m.memory or {}).get("peak_bytes"),
+        "temp_bytes": (m.memory or {}).get("temp_bytes"),
+        "load_avg_1m": round(load, 2), "backend": jax.default_backend(),
+        **extra}
+    records.append(record)
+  for method, path, need in skipped:
+    records.append({
+        "d": dim, "classes": classes, "batch": batch, "method": method,
+        "path": path, "ms_per_step": None, "examples_per_s": None,
+        "ratio_to_nonprivate": None, "skipped": "does not fit in memory",
+        "estimated_bytes": need, "limit_bytes": limit})
+  return records
+
+
+def end_to_end_digits() -> list[dict]:
+  """Wall time of ``python -m launch.main`` on the digits config."""
+  with tempfile.TemporaryDirectory() as workdir:
+    command = [sys.executable, "-m", "launch.main", "--config",
+               os.path.join(_ROOT, "experiments", "configs", "digits.py"),
+               "--workdir", workdir, "--config.progress=False"]
+    load_before = _load()
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+      print(done.stdout[-2000:], done.stderr[-4000:])
+      return [{"d": 64, "classes": 10, "batch": None, "method": "end_to_end",
+               "path": "launch.main digits", "ms_per_step": None,
+               "examples_per_s": None, "ratio_to_nonprivate": None,
+               "error": f"exit code {done.returncode}"}]
+    metas = [json.load(open(f)) for f in glob.glob(
+        os.path.join(workdir, "private", "*", "*", "*", "meta.json"))]
+    steps = sum(m.get("steps", 0) for m in metas)
+    examples = sum(m.get("steps", 0) * m.get("sampling_rate", 0) *
+                   m.get("private_examples", 0) for m in metas)
+    batch = (examples / steps) if steps else None
+  return [{"d": 64, "classes": 10,
+           "batch": None if batch is None else round(batch, 1),
+           "method": "end_to_end", "path": "launch.main digits (all stages)",
+           "ms_per_step": 1e3 * wall / steps if steps else None,
+           "examples_per_s": examples / wall if steps else None,
+           "ratio_to_nonprivate": None, "wall_s": wall, "private_runs":
+           len(metas), "private_steps": steps,
+           "load_avg_1m": round(0.5 * (load_before + _load()), 2),
+           "note": "whole run (features, CV, compile, accounting) / steps"}]
+
+
+def _fmt(value, spec):
+  return "-" if value is None else format(value, spec)
+
+
+def print_table(records: list[dict]) -> None:
+  header = (f"{'d':>5} {'c':>4} {'B':>5}  {'method':<12} {'path':<21} "
+            f"{'refresh':>7} {'ms/step':>9} {'ex/s':>9} {'x floor':>8} "
+            f"{'cpu ms':>8} {'GFLOP':>7} {'peak MiB':>9} {'temp MiB':>9}")
+  print(header)
+  print("-" * len(header))
+  for r in records:
+    peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / MIB
+    temp = None if r.get("temp_bytes") is None else r["temp_bytes"] / MIB
+    note = ""
+    if r.get("skipped"):
+      note = f"  skipped: {r['skipped']} (~{r['estimated_bytes'] / GIB:.1f} GiB)"
+    print(f"{_fmt(r['d'], '>5')} {r['classes']:>4} {_fmt(r['batch'], '>5')}  "
+          f"{r['method']:<12} {r['path'][:21]:<21} "
+          f"{_fmt(r.get('refresh_every'), '>7')} "
+          f"{_fmt(r['ms_per_step'], '>9.2f')} "
+          f"{_fmt(r['examples_per_s'], '>9.0f')} "
+          f"{_fmt(r['ratio_to_nonprivate'], '>8.2f')} "
+          f"{_fmt(r.get('cpu_ms_per_step'), '>8.2f')} "
+          f"{_fmt(r.get('xla_gflop'), '>7.2f')} "
+          f"{_fmt(peak, '>9.1f')} {_fmt(temp, '>9.1f')}{note}")
+
+
+def acceptance(records: list[dict], dim=2048, classes=200, batch=1024) -> None:
+  def find(method, path, refresh=None):
+    for r in records:
+      if (r["d"], r["classes"], r["batch"], r["method"], r["path"]) == (
+          dim, classes, batch, method, path) and (
+              refresh is None or r.get("refresh_every") == refresh):
+        return r
+    return None
+
+  floor = find("non_private", "sgd")
+  if floor is None:
+    return
+  print(f"\nAcceptance at d={dim}, c={classes}, B={batch}:")
+  checks = [("dp_sgd closed_form", find("dp_sgd", "closed_form"), 1.3)]
+  for path in ("closed_form", "closed_form_dual"):
+    checks += [(f"adamix {path}, refresh 1", find("adamix", path, 1), 4.0),
+               (f"adamix {path}, refresh 10", find("adamix", path, 10), 2.0)]
+  for name, r, bound in checks:
+    if r is not None:
+      ratio = r["ratio_to_nonprivate"]
+      print(f"  {name}: {ratio:.2f}x non-private (<= {bound}x: "
+            f"{'yes' if ratio <= bound else 'NO'})")
+  slow = find("adamix", "vmap", 10) or find("adamix", "vmap")
+  for path in ("closed_form", "closed_form_dual"):
+    fast = find("adamix", path, 10)
+    if fast is None or slow is None:
+      continue
+    if slow.get("skipped"):
+      print("  adamix vmap does not fit in memory (skipped).")
+      break
+    speedup = slow["ms_per_step"] / fast["ms_per_step"]
+    print(f"  adamix {path} vs vmap (refresh 10): {speedup:.0f}x faster "
+          f"(>= 20x: {'yes' if speedup >= 20 else 'NO'})")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--json", help="write the records to this path")
+  parser.add_argument("--quick", action="store_true",
+                      help="small grid (d=512, c in {10, 200}, B=256), no e2e")
+  parser.add_argument("--dims", type=int, nargs="+", default=None)
+  parser.add_argument("--classes", type=int, nargs="+", default=None)
+  parser.add_argument("--batches", type=int, nargs="+", default=None)
+  parser.add_argument("--public-per-class", type=int, default=5)
+  parser.add_argument("--private-multiple", type=int, default=8,
+                      help="private set size N = this x B")
+  parser.add_argument("--rank", type=int, default=100,
+                      help="AdaMix subspace rank k (capped at n)")
+  parser.add_argument("--iterations", type=int, default=2)
+  parser.add_argument("--oversample", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--slow-seconds", type=float, default=2.0,
+                      help="units slower than this get --slow-repeats")
+  parser.add_argument("--slow-repeats", type=int, default=2)
+  parser.add_argument("--vmap-limit-gib", type=float, default=8.0)
+  parser.add_argument("--microbatch", type=int, default=None,
+                      help="microbatch size of the vmap paths")
+  parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                      help="skip the uncached eigh AdaMix path")
+  parser.add_argument("--e2e", dest="e2e", action="store_true", default=None)
+  parser.add_argument("--no-e2e", dest="e2e", action="store_false")
+  args = parser.parse_args(argv)
+  dims = args.dims or ([512] if args.quick else [512, 2048])
+  classes = args.classes or [10, 200]
+  batches = args.batches or ([256] if args.quick else [256, 1024])
+  e2e = (not args.quick) if args.e2e is None else args.e2e
+
+  print(f"backend={jax.default_backend()} devices={jax.devices()} "
+        f"cpus={os.cpu_count()} load(1m)={_load():.2f} "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}",
+        flush=True)
+  records = []
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  for dim in dims:
+    for c in classes:
+      for b in batches:
+        print(f"d={dim} c={c} B={b} ...", flush=True)
+        records += benchmark_config(dim, c, b, args)
+  if e2e:
+    print("end-to-end digits run ...", flush=True)
+    records += end_to_end_digits()
+  rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  print()
+  print_table(records)
+  print(f"\nload(1m) now {_load():.2f}; process max RSS grew by "
+        f"{(rss1 - rss0) / 1024:.0f} MiB during the benchmarks")
+  acceptance(records)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=1)
+    print(f"\nwrote {len(records)} records to {args.json}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,123 @@
+r"""Runs a grid of AdaMix experiments, resumably, then aggregates the results.
+
+  python -m launch.sweep --root /tmp/adamix_sweep \
+      --configs experiments/configs/digits.py,experiments/configs/fashion_mnist.py \
+      --epsilons 1,3,8 --seeds 0,1,2 --public_per_class 5,10 --processes 2
+
+Axes: dataset config files x public_per_class x seed x epsilon; ``--methods``
+picks the methods (default all four). A point is one (config, k, seed,
+epsilon) running the private methods (dp_sgd, adamix) at that epsilon, plus
+one "references" point per (config, k, seed) running paragon and
+public-only, which do not depend on epsilon. Each point is a
+``train.stages.run`` in its own workdir under ROOT/points (see
+``launch/sweep_lib.py``); a point whose results.json exists is skipped, so
+re-running the same command resumes an interrupted sweep (use a new --root
+after changing a setting: a point refuses a different config). ``--set
+key=value`` (repeatable) overrides a config field for every point, e.g.
+``--set train.epochs=10``.
+
+At the end, ``experiments.aggregate`` writes ROOT/summary/{results.md,
+results.csv, privacy_utility.png}, and the command for running the same
+sweep on a Cloud TPU pod is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import sweep_lib
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = flags.DEFINE_string("root", None, "Sweep output folder.",
+                            required=True)
+_CONFIGS = flags.DEFINE_list(
+    "configs", [os.path.join(_HERE, "experiments", "configs", "digits.py")],
+    "Dataset config files (ml_collections), one per dataset.")
+_METHODS = flags.DEFINE_list("methods", list(sweep_lib.ALL_METHODS),
+                             "Methods to run.")
+_EPSILONS = flags.DEFINE_list("epsilons", None,
+                              "Epsilons (default: each config's own).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: each config's own).")
+_PUBLIC_PER_CLASS = flags.DEFINE_list(
+    "public_per_class", None, "Public examples per class (default: each "
+    "config's own).")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "key=value override applied to every point's config, e.g. "
+    "train.epochs=10 (values are Python literals).")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Local worker processes (groups of points in parallel).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1,
+                                   "Split the groups over this many hosts.")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This host's share.")
+_SHARD_BY_JAX_PROCESS = flags.DEFINE_bool(
+    "shard_by_jax_process", False,
+    "Multi-host: call jax.distributed.initialize() and take num_shards / "
+    "shard_index from jax.process_count() / jax.process_index().")
+_DATA_PARALLEL = flags.DEFINE_bool(
+    "data_parallel", False, "Private steps data parallel over this host's "
+    "local devices.")
+_AGGREGATE = flags.DEFINE_bool("aggregate", True,
+                               "Aggregate ROOT into ROOT/summary at the end.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the points and exit.")
+
+
+def main(argv):
+  del argv
+  command = "python -m launch.sweep " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  points = sweep_lib.build_points(
+      _ROOT.value, _CONFIGS.value, _METHODS.value,
+      epsilons=None if _EPSILONS.value is None else [
+          float(e) for e in _EPSILONS.value],
+      seeds=None if _SEEDS.value is None else [int(s) for s in _SEEDS.value],
+      public_per_class=None if _PUBLIC_PER_CLASS.value is None else [
+          int(k) for k in _PUBLIC_PER_CLASS.value],
+      overrides=[sweep_lib.parse_override(s) for s in _SET.value])
+  num_shards, shard_index, processes = (_NUM_SHARDS.value, _SHARD_INDEX.value,
+                                        _PROCESSES.value)
+  if _SHARD_BY_JAX_PROCESS.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_multihost()
+    num_shards, shard_index = jax.process_count(), jax.process_index()
+    processes = 1  # one JAX runtime per host
+  groups = sweep_lib.shard(sweep_lib.groups_of(points), num_shards,
+                           shard_index)
+  mine = [p for g in groups for p in g]
+  if _DRY_RUN.value:
+    for p in mine:
+      print(("[finished] " if p.finished else "[todo]     ") + p.describe() +
+            f"  -> {p.workdir}")
+    return
+  results = sweep_lib.run_points(mine, processes, command,
+                                 _DATA_PARALLEL.value)
+  failed = [r for r in results if r["status"] == "failed"]
+  for r in failed:
+    print(f"\n--- {r['point']} failed ---\n{r['traceback']}", file=sys.stderr)
+  if _AGGREGATE.value and shard_index == 0:
+    from experiments import aggregate  # pylint: disable=g-import-not-at-top
+    try:
+      paths = aggregate.aggregate(_ROOT.value)
+    except FileNotFoundError as error:
+      print(f"Nothing to aggregate: {error}")
+    else:
+      print()
+      print(aggregate.summary_table(aggregate.collect(_ROOT.value)))
+      print()
+      for name, path in paths.items():
+        print(f"wrote {name}: {path}")
+  print("\nThe same sweep on a Cloud TPU pod (ROOT on a file system every "
+        "host sees; each host runs its share of the groups):\n  " +
+        sweep_lib.pod_command(sys.argv[1:]))
+  if failed:
+    sys.exit(f"{len(failed)} point(s) failed; re-run the same command to "
+             "retry them (finished points are skipped).")
+
+
+if __name__ == "__main__":
+  app.run(main)

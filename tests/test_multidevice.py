@@ -1,0 +1,224 @@
+"""Data parallelism keeps the DESIGN.md invariants (8 simulated CPU devices).
+
+* The same private step (linear-head AdaMix; full-model DP-SGD and AdaMix on
+  a small CNN) on 8 devices and on 1 device, with the same key and batch,
+  gives the same update: the clipped sum over a sharded batch is the global
+  sum, and the noise is the same draw.
+* Invariant 2: the noise on the 8-device linear-head step has std
+  sigma * C, not sigma * C / sqrt(8) (noise split over devices) nor
+  sigma * C * sqrt(8) (noise added once per device); Kolmogorov-Smirnov
+  tests accept the right law and reject both wrong ones.
+
+The full-model noise, sensitivity and ledger tests are in
+tests/test_multidevice_full_model.py (kept apart for run time).
+
+tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8
+before jax is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+from sklearn import datasets
+
+from adamix_jax import parallel
+from adamix_jax.adamix import step as step_lib
+from adamix_jax.models import cnn
+from adamix_jax.models import linear
+from adamix_jax.privacy import accounting
+from adamix_jax.train import full_model
+from adamix_jax.train import private_linear
+
+NUM_DEVICES = 8
+ATOL = 1e-5
+SIGMA, CLIP = 1.3, 0.7
+
+
+@pytest.fixture(scope="module")
+def meshes():
+  if jax.device_count() < NUM_DEVICES:
+    pytest.skip(f"needs {NUM_DEVICES} devices (tests/conftest.py XLA_FLAGS)")
+  return parallel.make_data_mesh(1), parallel.make_data_mesh(NUM_DEVICES)
+
+
+def _ks_pvalue(samples: np.ndarray, std: float) -> float:
+  return float(stats.kstest(samples / std, "norm").pvalue)
+
+
+def _assert_noise_std(samples: np.ndarray, std: float) -> None:
+  """The law is N(0, std^2); the per-device mistakes are rejected."""
+  assert samples.size >= 50_000
+  assert _ks_pvalue(samples, std) > 1e-3
+  assert samples.std() == pytest.approx(std, rel=0.03)
+  for wrong in (std / np.sqrt(NUM_DEVICES), std * np.sqrt(NUM_DEVICES)):
+    assert _ks_pvalue(samples, wrong) < 1e-6
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x, np.float64).ravel()
+                         for x in jax.tree_util.tree_leaves(tree)])
+
+
+# --- the linear head (step.train_step under jit + NamedSharding) -------------
+
+
+def _linear_problem(seed=0, n=300, d=16, c=4, n_pub=20):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, c, n)
+  x = rng.normal(size=(n, d)).astype(np.float32) + 2 * np.eye(c, d)[y]
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  yp = rng.integers(0, c, n_pub)
+  xp = rng.normal(size=(n_pub, d)).astype(np.float32) + 2 * np.eye(c, d)[yp]
+  xp /= np.linalg.norm(xp, axis=1, keepdims=True)
+  w0 = {"kernel": 0.1 * rng.normal(size=(d, c)).astype(np.float32),
+        "bias": np.zeros(c, np.float32)}
+  return x, y, xp, yp, w0
+
+
+def _linear_step(mesh, config, spec, x, y, xp, yp, w0, indices, mask):
+  """One sharded step from the anchor; returns W~_1 as numpy."""
+  state = parallel.init_state(w0, 3, mesh)
+  public = parallel._public_data_fn(mesh, spec.kind == "gradients")(
+      *parallel.replicate((np.asarray(linear.augment(jnp.asarray(xp))),
+                           yp.astype(np.int32)), mesh))
+  private = parallel.replicate(
+      (np.asarray(linear.augment(jnp.asarray(x))), y.astype(np.int32)), mesh)
+  sub = parallel._build_subspace_fn(mesh, spec)(state.matrix, public, None)
+  idx, m = parallel.shard_batch((indices.astype(np.int32), mask), mesh)
+  new, metrics = parallel.sharded_step_fn(mesh, config)(
+      state, sub, public, private[0], private[1], idx, m,
+      parallel.replicate(np.int32(0), mesh),
+      parallel.replicate(np.float32(1.0), mesh), None)
+  return np.asarray(new.matrix), metrics
+
+
+@pytest.mark.parametrize("path", ["closed_form", "vmap"])
+def test_multidevice_linear_adamix_step_matches_single_device(meshes, path):
+  one, eight = meshes
+  x, y, xp, yp, w0 = _linear_problem()
+  config = step_lib.StepConfig(
+      noise_multiplier=SIGMA, expected_batch_size=40.0, learning_rate=1.0,
+      adaptive_threshold=True, public_weight=0.1, pull=0.01, path=path)
+  spec = private_linear.SubspaceSpec("gradients", 6)
+  rng = np.random.default_rng(1)
+  indices = np.zeros(64, np.int64)
+  indices[:57] = rng.choice(len(y), 57, replace=False)
+  mask = (np.arange(64) < 57).astype(np.float32)
+  w_one, m_one = _linear_step(one, config, spec, x, y, xp, yp, w0, indices,
+                              mask)
+  w_eight, m_eight = _linear_step(eight, config, spec, x, y, xp, yp, w0,
+                                  indices, mask)
+  start = np.asarray(linear.stack(w0))
+  assert np.abs(w_one - start).max() > 1e-3  # the step did something
+  np.testing.assert_allclose(w_eight, w_one, atol=ATOL)
+  assert int(m_eight.batch_size) == int(m_one.batch_size) == 57
+  assert int(m_eight.num_clipped) == int(m_one.num_clipped)
+  assert float(m_eight.threshold) == pytest.approx(float(m_one.threshold))
+
+
+@pytest.mark.parametrize("method,cache_kernel", [("eigh", False),
+                                                 ("iterative", True)])
+def test_multidevice_train_private_head_sharded_matches_single_device(
+    meshes, method, cache_kernel):
+  """The whole loop: same sampler indices, same noise; only padding differs."""
+  _, eight = meshes
+  x, y, xp, yp, w0 = _linear_problem(n=203)
+  config = step_lib.StepConfig(noise_multiplier=SIGMA,
+                               expected_batch_size=0.3 * 203,
+                               learning_rate=1.0, adaptive_threshold=True)
+  kwargs = dict(steps=6, sampling_rate=0.3, seed=5, average_tail=0.5,
+                lr_schedule="cosine",
+                subspace=private_linear.SubspaceSpec("gradients", 5, 2,
+                                                     method=method),
+                cache_private_kernel=cache_kernel)
+  ledgers = [accounting.PrivacyLedger(1e-5) for _ in range(2)]
+  single = private_linear.train_private_head(x, y, xp, yp, w0, config,
+                                             ledger=ledgers[0], **kwargs)
+  sharded = parallel.train_private_head_sharded(x, y, xp, yp, w0, config,
+                                                ledger=ledgers[1], mesh=eight,
+                                                **kwargs)
+  for key in ("kernel", "bias"):
+    np.testing.assert_allclose(sharded[key], single[key], atol=ATOL)
+  assert ledgers[0].total_steps == ledgers[1].total_steps == 6
+
+
+def test_multidevice_linear_noise_std_is_sigma_c(meshes):
+  """All-padding batch on 8 devices: W~_1 - W~_0 is the noise alone."""
+  _, eight = meshes
+  d, c = 499, 100  # (d+1) * c = 50,000 noise coordinates
+  config = step_lib.StepConfig(noise_multiplier=SIGMA, expected_batch_size=1.0,
+                               learning_rate=1.0, clip_norm=CLIP,
+                               normalize_by_threshold=False)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, d)).astype(np.float32)
+  w0 = {"kernel": np.zeros((d, c), np.float32),
+        "bias": np.zeros(c, np.float32)}
+  w1, metrics = _linear_step(eight, config, private_linear.SubspaceSpec(),
+                             x, np.zeros(64, np.int64), x[:0], np.zeros(0,
+                                                                       np.int64),
+                             w0, np.arange(64), np.zeros(64, np.float32))
+  assert int(metrics.batch_size) == 0
+  _assert_noise_std(-w1.ravel(), SIGMA * CLIP)
+
+
+# --- the full model (shard_map per-example section + jit) ---------------------
+
+
+def _digits_images():
+  digits = datasets.load_digits()
+  return ((digits.images / 16.0).astype(np.float32)[..., None],
+          digits.target.astype(np.int64))
+
+
+TINY_CNN = cnn.SmallCNN(channels=(4, 8), hidden=16)
+
+
+def _cnn_step(mesh, config, optimizer, params, public, batch, rank):
+  loss_fn = full_model.classification_loss(TINY_CNN)
+  state = full_model.init_state(params, optimizer, 7, mesh)
+  public = full_model.place_public(*public, mesh)
+  basis = None
+  if rank:
+    basis = full_model._basis_fn(loss_fn, rank, mesh)(state.params, public)
+  new, metrics = full_model.make_train_step(config, loss_fn, optimizer, mesh)(
+      state, public, basis, *full_model.place_batch(*batch, mesh))
+  return _flat(new.params), metrics
+
+
+@pytest.mark.parametrize("method", ["dp_sgd", "adamix"])
+def test_multidevice_full_model_step_matches_single_device(meshes, method):
+  one, eight = meshes
+  x, y = _digits_images()
+  params = TINY_CNN.init(jax.random.key(0), x[:1])["params"]
+  optimizer = optax.sgd(0.5)
+  batch_size, real = 64, 59
+  mask = (np.arange(batch_size) < real).astype(np.float32)
+  batch = (x[100:100 + batch_size], y[100:100 + batch_size], mask)
+  public = (x[:30], y[:30])
+  if method == "dp_sgd":
+    config = full_model.FullModelConfig(noise_multiplier=SIGMA,
+                                        expected_batch_size=60.0, clip_norm=0.5)
+    rank, public = 0, (x[:0], y[:0])
+  else:  # projection, adaptive threshold, public gradient, microbatches
+    config = full_model.FullModelConfig(
+        noise_multiplier=SIGMA, expected_batch_size=60.0,
+        adaptive_threshold=True, projection_rank=8, public_weight=0.1,
+        normalize_by_threshold=True, microbatch_size=4)
+    rank = 8
+  p_one, m_one = _cnn_step(one, config, optimizer, params, public, batch, rank)
+  p_eight, m_eight = _cnn_step(eight, config, optimizer, params, public, batch,
+                               rank)
+  assert np.abs(p_one - _flat(params)).max() > 1e-3
+  np.testing.assert_allclose(p_eight, p_one, atol=ATOL)
+  if method == "adamix":  # and the plain-jit path (no mesh, no shard_map)
+    p_none, _ = _cnn_step(None, config, optimizer, params, public, batch, rank)
+    np.testing.assert_allclose(p_none, p_one, atol=ATOL)
+  assert int(m_eight.batch_size) == int(m_one.batch_size) == real
+  assert int(m_eight.num_clipped) == int(m_one.num_clipped) > 0
