@@ -39,7 +39,6 @@ import logging
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -74,7 +73,7 @@ def initialize_multihost(**kwargs: Any) -> None:
               jax.local_device_count(), jax.device_count())
 
 
-# --- mesh and placement --------------------------------------------------------
+# --- mesh and placement ------------------------------------------------------
 
 
 def make_data_mesh(num_devices: Optional[int] = None,
@@ -180,7 +179,7 @@ def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
   return _key_fn(mesh)(replicate(np.uint32(seed), mesh))
 
 
-# --- the sharded linear-head loop -------------------------------------------------
+# --- the sharded linear-head loop --------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,7 @@
-r"""Collects every ``results.json`` under a folder into tables, a CSV and a plot.
+r"""Every ``results.json`` under a folder -> tables, a CSV and a plot.
 
-  python -m experiments.aggregate --root /tmp/adamix_sweep --out /tmp/adamix_sweep/summary
+  python -m experiments.aggregate --root /tmp/adamix_sweep \
+      --out /tmp/adamix_sweep/summary
 
 Writes into ``--out``:
 
@@ -49,7 +50,7 @@ def find_results(root: str) -> list[str]:
 
 
 def collect(root: str) -> list[dict]:
-  """All records under ``root``; each gets ``source`` (path relative to root)."""
+  """All records under ``root``, each with ``source`` (its path from root)."""
   records = []
   for path in find_results(root):
     for record in io.load_json(path):

@@ -127,7 +127,8 @@ def build_points(root: str,
   """
   unknown = [m for m in methods if m not in ALL_METHODS]
   if unknown:
-    raise ValueError(f"Unknown method(s) {unknown}; known: {list(ALL_METHODS)}.")
+    raise ValueError(f"Unknown method(s) {unknown}; known: "
+                     f"{list(ALL_METHODS)}.")
   references = tuple(m for m in ALL_METHODS
                      if m in methods and m in REFERENCE_METHODS)
   private = tuple(m for m in ALL_METHODS

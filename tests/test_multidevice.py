@@ -18,8 +18,6 @@ before jax is imported.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,15 +158,15 @@ def test_multidevice_linear_noise_std_is_sigma_c(meshes):
   x = rng.normal(size=(64, d)).astype(np.float32)
   w0 = {"kernel": np.zeros((d, c), np.float32),
         "bias": np.zeros(c, np.float32)}
+  no_labels = np.zeros(0, np.int64)
   w1, metrics = _linear_step(eight, config, private_linear.SubspaceSpec(),
-                             x, np.zeros(64, np.int64), x[:0], np.zeros(0,
-                                                                       np.int64),
+                             x, np.zeros(64, np.int64), x[:0], no_labels,
                              w0, np.arange(64), np.zeros(64, np.float32))
   assert int(metrics.batch_size) == 0
   _assert_noise_std(-w1.ravel(), SIGMA * CLIP)
 
 
-# --- the full model (shard_map per-example section + jit) ---------------------
+# --- the full model (shard_map per-example section + jit) --------------------
 
 
 def _digits_images():

@@ -243,11 +243,13 @@ def clipped_coefficient_sum(config: StepConfig,
     # (x_aug, B x (d+1), is only rewritten when some row needs it.)
     finite = jnp.isfinite(norms)
     e = jnp.where(finite[:, None], e, 0.0)
-    x_aug = jax.lax.cond(jnp.all(finite), lambda x: x,
-                         lambda x: jnp.where(finite[:, None], x, 0.0), x_aug)
     scales, stats = clipping.clip_scales(norms, threshold, mask)
-    return subspace_lib.closed_form_weighted_sum(subspace, x_aug, e,
-                                                 scales), stats
+    weighted_sum = lambda x: subspace_lib.closed_form_weighted_sum(
+        subspace, x, e, scales)
+    total = jax.lax.cond(
+        jnp.all(finite), weighted_sum,
+        lambda x: weighted_sum(jnp.where(finite[:, None], x, 0.0)), x_aug)
+    return total, stats
   transform = None
   if subspace.kind != "none":
     transform = lambda g: subspace_lib.coefficients_of(subspace, g)

@@ -14,7 +14,7 @@ import jax
 
 
 class SmallCNN(nn.Module):
-  """conv3x3(16)-relu-avgpool2 -> conv3x3(32)-relu-avgpool2 -> dense(64) -> logits.
+  """conv3x3-relu-avgpool2 (x2: 16, 32 channels) -> dense(64) -> logits.
 
   Input: (B, H, W, C) images (digits: (B, 8, 8, 1) in [0, 1]).
   """

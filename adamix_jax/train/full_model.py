@@ -138,7 +138,7 @@ class Metrics(NamedTuple):
   num_nonfinite: jax.Array
 
 
-# --- losses --------------------------------------------------------------------
+# --- losses ------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +160,7 @@ def flatten(tree: PyTree) -> jax.Array:
   return ravel_pytree(tree)[0]
 
 
-# --- public quantities ------------------------------------------------------------
+# --- public quantities -------------------------------------------------------
 
 
 def public_flat_grads(loss_fn: ExampleLoss, params: PyTree,
@@ -193,7 +193,7 @@ def public_basis(loss_fn: ExampleLoss, params: PyTree, public: PublicSet,
 
 def public_threshold(config: FullModelConfig, flat_public: Optional[jax.Array],
                      basis: Optional[jax.Array]) -> jax.Array:
-  """C_t: a quantile of public gradient norms (in the subspace), or clip_norm."""
+  """C_t: a quantile of public gradient norms (in the subspace) or clip_norm."""
   if (not config.adaptive_threshold or flat_public is None or
       flat_public.shape[0] == 0):
     return jnp.float32(config.clip_norm)
@@ -211,7 +211,7 @@ def projector(basis: Optional[jax.Array]
   return lambda g: flatten(g) @ basis
 
 
-# --- the clipped sum -----------------------------------------------------------------
+# --- the clipped sum ---------------------------------------------------------
 
 
 def clipped_sum(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
@@ -268,7 +268,7 @@ def clipped_sum(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
                            params, batch, mask, threshold)
 
 
-# --- the step -----------------------------------------------------------------------
+# --- the step ----------------------------------------------------------------
 
 
 def train_step(config: FullModelConfig, loss_fn: ExampleLoss,
@@ -313,7 +313,8 @@ def train_step(config: FullModelConfig, loss_fn: ExampleLoss,
 def make_train_step(config: FullModelConfig, loss_fn: ExampleLoss,
                     optimizer: optax.GradientTransformation,
                     mesh: Optional[Mesh] = None) -> Callable:
-  """``train_step`` jitted: (state, public, basis, x, y, mask) -> (state, metrics).
+  """``train_step`` jitted: (state, public, basis, x, y, mask) -> (state,
+  metrics).
 
   With a mesh: x, y, mask sharded on ``data``; state, public and basis
   replicated; the state is donated. Cached per argument tuple.
@@ -367,7 +368,7 @@ def place_batch(x: np.ndarray, y: np.ndarray, mask: np.ndarray,
   return parallel.shard_batch(arrays, mesh)
 
 
-# --- the loop ------------------------------------------------------------------------
+# --- the loop ----------------------------------------------------------------
 
 
 def train_full_model(loss_fn: ExampleLoss,
@@ -437,7 +438,7 @@ def train_full_model(loss_fn: ExampleLoss,
   return jax.tree_util.tree_map(np.asarray, state.params)
 
 
-# --- non-private training (public init, paragon) ---------------------------------------
+# --- non-private training (public init, paragon) -----------------------------
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,8 @@ PRIVATE_METHODS = ("dp_sgd", "adamix")
 
 def load_images(config):
   """(x_train, y_train, x_test, y_test, num_classes), images NHWC float32."""
-  source = data_lib.get_source(config.dataset, **config.dataset_kwargs.to_dict())
+  source = data_lib.get_source(config.dataset,
+                               **config.dataset_kwargs.to_dict())
   shape = tuple(config.image_shape)
   train, test = source.split("train"), source.split("test")
   x_train = np.asarray(train.as_array(), np.float32).reshape((-1,) + shape)
@@ -105,7 +106,7 @@ def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
 
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
         mesh=None) -> list[dict]:
-  """Runs every unit of ``config`` in ``workdir`` (resumable); returns records."""
+  """Runs every unit of ``config`` in ``workdir`` (resumable); the records."""
   wd = stages.Workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   stages.check_or_save_config(config, wd)
@@ -134,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
     w0 = jax.tree_util.tree_map(np.asarray,
                                 unravel(io.load_npz(init_path)["params"]))
     data = (x_train, y_train, split.public, split.private)
-    units = [(m, None) for m in ("paragon", "public_only") if m in config.methods]
+    units = [(m, None) for m in ("paragon", "public_only")
+             if m in config.methods]
     units += [(m, float(e)) for m in PRIVATE_METHODS if m in config.methods
               for e in config.epsilons]
     for method, epsilon in units:

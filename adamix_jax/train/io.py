@@ -19,6 +19,10 @@ def _atomic(path: str, write) -> None:
       write(f)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates 0600 files; give outputs the usual umask permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

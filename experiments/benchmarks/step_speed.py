@@ -203,12 +203,15 @@ class _StepRunner:
                           donate_argnums=(0,))
     self.state = step_lib.init_state(p.anchor, jax.random.key(0))
     self.t = 0
+    # Device scalars made once: per-call host->device transfers would be
+    # timed as part of the step (the floor has none).
+    self.average_from, self.lr_scale = jnp.int32(0), jnp.float32(1.0)
 
   def args(self, subspace):
     p = self.p
     return (self.state, subspace, self.public, p.private_x_aug, p.private_y,
-            p.indices[self.t % NUM_INDEX_SETS], p.mask, jnp.int32(0),
-            jnp.float32(1.0), self.kernel)
+            p.indices[self.t % NUM_INDEX_SETS], p.mask, self.average_from,
+            self.lr_scale, self.kernel)
 
   def step(self, subspace):
     self.t += 1
@@ -229,7 +232,7 @@ def _dp_sgd_method(p: Problem, path: str, microbatch: Optional[int]) -> Method:
   subspace = subspace_lib.identity()
 
   def run():
-    jax.block_until_ready(runner.step(subspace).threshold)
+    runner.step(subspace)
     jax.block_until_ready(runner.state.matrix)
 
   return Method("dp_sgd", path, run, memory=runner.memory(subspace))
@@ -283,6 +286,7 @@ def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
                       donate_argnums=(1,))
   refresh_spec = step_lib.BasisRefresh(rank, spec.method, spec.iterations,
                                        spec.oversample)
+  average_from, lr_scale = jnp.int32(0), jnp.float32(1.0)
   for refresh in (1, 10):
     config = _adamix_config(p, "closed_form", None)
     state, cache = step_lib.init_dual(p.anchor, p.public, p.private_x_aug,
@@ -292,8 +296,8 @@ def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
 
     def dual_args(box, refresh_now, config=config, cache=cache):
       return (config, box["state"], box["sub"], p.public, cache, p.private_y,
-              p.indices[box["t"] % NUM_INDEX_SETS], p.mask, jnp.int32(0),
-              jnp.float32(1.0), refresh_spec if refresh_now else None)
+              p.indices[box["t"] % NUM_INDEX_SETS], p.mask, average_from,
+              lr_scale, refresh_spec if refresh_now else None)
 
     def run_dual(box=box, refresh=refresh, dual_args=dual_args):
       for t in range(refresh):
@@ -385,25 +389,33 @@ def benchmark_config(dim: int, classes: int, batch: int, args) -> list[dict]:
           f"{args.vmap_limit_gib:g}", flush=True)
 
   timed = [m for m in methods if m.combine is None]
-  for m in timed:  # warm-up (compiles)
+
+  def time_once(m):
+    cpu, start = time.process_time(), time.perf_counter()
+    m.run()
+    m.times.append((time.perf_counter() - start) / m.steps)
+    m.extra.setdefault("_cpu", []).append((time.process_time() - cpu) / m.steps)
+
+  load_before = _load()
+  # The closed forms and the floor: warm-up (compiles), then interleaved
+  # rounds, so that load drifts hit all alike. The vmap paths (gigabytes of
+  # per-example gradients) only afterwards, so that their allocations do not
+  # disturb the others; a slow one is timed --slow-repeats times.
+  fast = [m for m in timed if m.path != "vmap"]
+  for m in fast:
+    m.run()
+    m.run()
+  for _ in range(args.repeats):
+    for m in fast:
+      time_once(m)
+  for m in (m for m in timed if m.path == "vmap"):
     m.run()
     start = time.perf_counter()
     m.run()
-    m.extra["_unit_s"] = time.perf_counter() - start
-  load_before = _load()
-  # Fast units: interleaved rounds, so that load drifts hit all alike; slow
-  # ones (the vmap paths at large sizes) afterwards, --slow-repeats times.
-  fast = [m for m in timed if m.extra["_unit_s"] <= args.slow_seconds]
-  slow = [m for m in timed if m.extra["_unit_s"] > args.slow_seconds]
-  rounds = [(r, fast) for r in range(args.repeats)]
-  rounds += [(r, [m]) for m in slow for r in range(args.slow_repeats)]
-  for _, group in rounds:
-    for m in group:
-      cpu, start = time.process_time(), time.perf_counter()
-      m.run()
-      m.times.append((time.perf_counter() - start) / m.steps)
-      m.extra.setdefault("_cpu", []).append(
-          (time.process_time() - cpu) / m.steps)
+    repeats = (args.slow_repeats if time.perf_counter() - start >
+               args.slow_seconds else args.repeats)
+    for _ in range(repeats):
+      time_once(m)
   load = 0.5 * (load_before + _load())
 
   floor = statistics.median(methods[0].times)
