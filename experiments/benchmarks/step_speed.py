@@ -27,10 +27,14 @@ launch.main`` on experiments/configs/digits.py into a temporary workdir).
 
 Peak memory is XLA's buffer assignment for the compiled step
 (``memory_analysis()``): ``peak_bytes`` (arguments, including the on-device
-private set, + outputs + scratch) and ``temp_bytes`` (scratch alone). The
-timings depend on the machine's load: the 1-minute load average is printed
-and stored with each record. On a GPU/TPU host the same command runs on the
-default JAX backend.
+private set, + outputs + scratch) and ``temp_bytes`` (scratch alone);
+``xla_gflop`` is XLA's flop count of the compiled step (``cost_analysis()``;
+the dual form's with its in-step refresh when it refreshes every step), a
+load-independent figure. The timings depend on the machine's load: the
+1-minute load average is printed and stored with each record, with the
+process CPU time per step (``cpu_ms_per_step``) and the fastest repeat
+(``ms_min``). On a GPU/TPU host the same command runs on the default JAX
+backend.
 """
 
 from __future__ import annotations
@@ -305,7 +309,9 @@ def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
         box["state"], _, box["sub"] = dual_step(*dual_args(box, t == 0))
       jax.block_until_ready(box["state"].coef)
 
-    memory = _memory(dual_step, *dual_args(box, True))
+    # Cost figures of the compiled step as it runs most often: with the
+    # in-step refresh when it refreshes every step, without it otherwise.
+    memory = _memory(dual_step, *dual_args(box, refresh == 1))
     methods.append(Method("adamix", "closed_form_dual", run_dual,
                           steps=refresh, refresh_every=refresh, memory=memory,
                           extra=dict(extra, representation="dual",
