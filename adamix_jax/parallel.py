@@ -45,7 +45,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adamix_jax.adamix import step as step_lib
-from adamix_jax.privacy import accounting
 from adamix_jax.privacy import sampler as sampler_lib
 from adamix_jax.train import private_linear
 
@@ -234,36 +233,39 @@ def _private_kernel_fn(mesh: Mesh):
                  out_shardings=replicated_sharding(mesh))
 
 
-def _augment(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return np.concatenate([x, np.ones(x.shape[:-1] + (1,), np.float32)], -1)
+class MeshPlacement(private_linear.SingleDevice):
+  """``train_private_head``'s arrays on ``mesh``: the batch indices and mask
+  sharded on ``data``, everything else replicated (see the module doc)."""
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+    self.pad_multiple = mesh.size
+
+  def replicate(self, tree):
+    return replicate(tree, self.mesh)
+
+  def shard_batch(self, tree):
+    return shard_batch(tree, self.mesh)
+
+  def init_state(self, anchor_params, seed):
+    return init_state(anchor_params, seed, self.mesh)
+
+  def public_data(self, x_aug, y, cache_gram):
+    return _public_data_fn(self.mesh, cache_gram)(x_aug, y)
+
+  def build_subspace(self, spec):
+    # From public (replicated) arrays: replicated outputs.
+    return _build_subspace_fn(self.mesh, spec)
+
+  def private_kernel(self, private_x_aug, public_x_aug):
+    return _private_kernel_fn(self.mesh)(private_x_aug, public_x_aug)
+
+  def step(self, config):
+    return sharded_step_fn(self.mesh, config)
 
 
-def _unstack(matrix: np.ndarray) -> dict:
-  return {"kernel": matrix[:-1], "bias": matrix[-1]}
-
-
-def train_private_head_sharded(
-    private_x: np.ndarray,
-    private_y: np.ndarray,
-    public_x: np.ndarray,
-    public_y: np.ndarray,
-    anchor_params: dict,
-    config: step_lib.StepConfig,
-    *,
-    steps: int,
-    sampling_rate: float,
-    seed: int,
-    ledger: accounting.PrivacyLedger,
-    subspace: private_linear.SubspaceSpec = private_linear.SubspaceSpec(),
-    average_tail: float = 0.5,
-    lr_schedule: str = "constant",
-    fallback_basis: Optional[np.ndarray] = None,
-    on_step: Optional[Callable[[int, step_lib.StepMetrics], None]] = None,
-    cache_private_kernel: bool = False,
-    representation: str = "matrix",
-    mesh: Optional[Mesh] = None,
-) -> dict:
+def train_private_head_sharded(*args, mesh: Optional[Mesh] = None,
+                               **kwargs) -> dict:
   """``private_linear.train_private_head``, data parallel over ``mesh``.
 
   Same arguments, same result (up to float summation order) for the same
@@ -277,50 +279,8 @@ def train_private_head_sharded(
     ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
   """
   mesh = make_data_mesh() if mesh is None else mesh
-  private_linear.learning_rate_scale(lr_schedule, 0, steps)  # validates name
-  if representation != "matrix":
-    raise ValueError(f"representation={representation!r} is not supported "
-                     "data parallel; use 'matrix' (the same update).")
-  if not 0.0 <= average_tail < 1.0:
-    raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
-  ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
-  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed,
-                                       pad_multiple=mesh.size)
-  private_x_aug = _augment(private_x)
-  dim = private_x_aug.shape[1] - 1
-  private = replicate((private_x_aug, np.asarray(private_y, np.int32)), mesh)
-  public_arrays = replicate(
-      (_augment(np.asarray(public_x, np.float32).reshape(len(public_y), dim)),
-       np.asarray(public_y, np.int32)), mesh)
-  # As the single-device loop: the public Gram cached for gradient subspaces.
-  public = _public_data_fn(mesh, subspace.kind == "gradients")(*public_arrays)
-  state = init_state(anchor_params, seed, mesh)
-  average_from = replicate(np.int32(int(round(steps * (1.0 - average_tail)))),
-                           mesh)
-  basis = None
-  if fallback_basis is not None:
-    basis = replicate(np.asarray(fallback_basis, np.float32), mesh)
-  # The subspace is computed from public arrays (replicated): its outputs are
-  # replicated global arrays, which the jitted step takes as they are.
-  build = _build_subspace_fn(mesh, subspace)
-  current = build(state.matrix, public, basis)
-  kernel = None
-  if (cache_private_kernel and current.kind == "gradients" and
-      config.path == "closed_form"):
-    kernel = _private_kernel_fn(mesh)(private[0], public.x_aug)
-  step_fn = sharded_step_fn(mesh, config)
-  for t in range(steps):
-    if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
-      current = build(state.matrix, public, basis, current)
-    batch = sampler.batch(t)
-    indices, mask = shard_batch(
-        (batch.indices.astype(np.int32), batch.mask), mesh)
-    lr_scale = replicate(np.float32(private_linear.learning_rate_scale(
-        lr_schedule, t, steps)), mesh)
-    state, metrics = step_fn(state, current, public, private[0], private[1],
-                             indices, mask, average_from, lr_scale, kernel)
-    ledger.record(config.noise_multiplier, sampling_rate)
-    if on_step is not None:
-      on_step(t, metrics)
-  final = state.average if average_tail > 0 else state.matrix
-  return _unstack(np.asarray(final))
+  if kwargs.get("representation", "matrix") != "matrix":
+    raise ValueError(f"representation={kwargs['representation']!r} is not "
+                     "supported data parallel; use 'matrix' (the same update).")
+  return private_linear.train_private_head(
+      *args, placement=MeshPlacement(mesh), **kwargs)

@@ -140,6 +140,42 @@ def private_public_kernel(private_x_aug: jax.Array, public_x_aug: jax.Array,
   return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+class SingleDevice:
+  """Where ``train_private_head`` puts its arrays: the default device.
+
+  ``adamix_jax.parallel.MeshPlacement`` is the data-parallel counterpart;
+  the training loop is the same code for both.
+  """
+
+  pad_multiple = 1
+
+  def replicate(self, tree):
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+  def shard_batch(self, tree):
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+  def init_state(self, anchor_params: dict, seed: int) -> step_lib.TrainState:
+    return step_lib.init_state(anchor_params, jax.random.key(seed))
+
+  def public_data(self, x_aug, y, cache_gram: bool) -> step_lib.PublicData:
+    return step_lib.make_public_data(x_aug, y, cache_gram=cache_gram)
+
+  def build_subspace(self, spec: SubspaceSpec) -> Callable:
+    return functools.partial(_jitted_build, spec)
+
+  def private_kernel(self, private_x_aug, public_x_aug):
+    return private_public_kernel(private_x_aug, public_x_aug)
+
+  def step(self, config: step_lib.StepConfig) -> Callable:
+    return functools.partial(_jitted_step, config)
+
+
+def _augment_host(x: np.ndarray) -> np.ndarray:
+  """linear.augment on the host (placement then copies it to devices)."""
+  return np.asarray(linear.augment(np.asarray(x, np.float32)), np.float32)
+
+
 def train_private_head(private_x: np.ndarray,
                        private_y: np.ndarray,
                        public_x: np.ndarray,
@@ -159,6 +195,7 @@ def train_private_head(private_x: np.ndarray,
                                                   None]] = None,
                        cache_private_kernel: bool = False,
                        representation: str = "matrix",
+                       placement: Optional[SingleDevice] = None,
                        ) -> dict:
   """Runs ``steps`` private steps from ``anchor_params``; returns the params.
 
@@ -190,6 +227,9 @@ def train_private_head(private_x: np.ndarray,
       W~_0 + a D + X~p^T S, see step.dual_train_step; it caches the private
       kernel and logits, N x (n + 2c) floats, and refreshes the subspace
       inside the step). Same update up to float rounding, fewer flops.
+    placement: where arrays live and how steps are compiled; default one
+      device. ``adamix_jax.parallel.MeshPlacement(mesh)`` runs the same loop
+      data parallel (see ``parallel.train_private_head_sharded``).
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model.
@@ -205,20 +245,30 @@ def train_private_head(private_x: np.ndarray,
                      "path='closed_form' and public examples.")
   if not 0.0 <= average_tail < 1.0:
     raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
+  placement = SingleDevice() if placement is None else placement
+  if representation == "dual" and not isinstance(placement, SingleDevice):
+    raise ValueError("representation='dual' runs on one device only; use "
+                     "'matrix' (the same update) for data parallelism.")
   ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
-  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed)
-  private_x_aug = linear.augment(jnp.asarray(private_x, jnp.float32))
-  private_y_dev = jnp.asarray(private_y, jnp.int32)
-  public_x_aug = linear.augment(jnp.asarray(public_x, jnp.float32).reshape(
-      len(public_y), private_x_aug.shape[1] - 1))
+  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed,
+                                       pad_multiple=placement.pad_multiple)
+  private_x_host = _augment_host(private_x)
+  private_x_aug, private_y_dev = placement.replicate(
+      (private_x_host, np.asarray(private_y, np.int32)))
+  public_x_aug, public_y_dev = placement.replicate(
+      (_augment_host(np.asarray(public_x, np.float32).reshape(
+          len(public_y), private_x_host.shape[1] - 1)),
+       np.asarray(public_y, np.int32)))
   # The public feature Gram never changes: cached for the gradient subspace.
-  public = step_lib.make_public_data(
-      public_x_aug, jnp.asarray(public_y, jnp.int32),
-      cache_gram=subspace.kind == "gradients")
-  state = step_lib.init_state(anchor_params, jax.random.key(seed))
-  average_from = jnp.int32(int(round(steps * (1.0 - average_tail))))
-  basis = None if fallback_basis is None else jnp.asarray(fallback_basis)
-  current = _jitted_build(subspace, state.matrix, public, basis)
+  public = placement.public_data(public_x_aug, public_y_dev,
+                                 subspace.kind == "gradients")
+  state = placement.init_state(anchor_params, seed)
+  average_from = placement.replicate(
+      np.int32(int(round(steps * (1.0 - average_tail)))))
+  basis = None if fallback_basis is None else placement.replicate(
+      np.asarray(fallback_basis, np.float32))
+  build = placement.build_subspace(subspace)
+  current = build(state.matrix, public, basis)
   if representation == "dual":
     return _train_dual(private_x_aug, private_y_dev, public, anchor_params,
                        config, current, steps=steps,
@@ -229,22 +279,24 @@ def train_private_head(private_x: np.ndarray,
   kernel = None
   if (cache_private_kernel and current.kind == "gradients" and
       config.path == "closed_form"):
-    kernel = private_public_kernel(private_x_aug, public.x_aug)
+    kernel = placement.private_kernel(private_x_aug, public.x_aug)
+  step_fn = placement.step(config)
   for t in range(steps):
     if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
-      current = _jitted_build(subspace, state.matrix, public, basis, current)
+      current = build(state.matrix, public, basis, current)
     batch = sampler.batch(t)
-    state, metrics = _jitted_step(config, state, current, public,
-                                  private_x_aug, private_y_dev,
-                                  jnp.asarray(batch.indices),
-                                  jnp.asarray(batch.mask), average_from,
-                                  jnp.float32(learning_rate_scale(
-                                      lr_schedule, t, steps)), kernel)
+    indices, mask = placement.shard_batch(
+        (batch.indices.astype(np.int32), batch.mask))
+    lr_scale = placement.replicate(
+        np.float32(learning_rate_scale(lr_schedule, t, steps)))
+    state, metrics = step_fn(state, current, public, private_x_aug,
+                             private_y_dev, indices, mask, average_from,
+                             lr_scale, kernel)
     ledger.record(config.noise_multiplier, sampling_rate)
     if on_step is not None:
       on_step(t, metrics)
   final = state.average if average_tail > 0 else state.matrix
-  return jax.tree_util.tree_map(np.asarray, linear.unstack(final))
+  return {k: np.asarray(v) for k, v in linear.unstack(final).items()}
 
 
 def _train_dual(private_x_aug, private_y, public, anchor_params, config,
