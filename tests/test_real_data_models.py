@@ -10,7 +10,6 @@ merges, which tokenizes any text, character by character.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from adamix_jax.features import cache
 from adamix_jax.features import extract
 from adamix_jax.models import base as models_base
 from adamix_jax.models import registry
+import tiny_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,42 +31,12 @@ CLIP_PROJECTION_DIM = 16
 CLIP_MAX_TEXT_LENGTH = 24
 
 
-def _write_byte_level_clip_tokenizer(directory: str) -> int:
-  """Writes a CLIP tokenizer that needs no download; returns its vocab size."""
-  from transformers.models.clip import tokenization_clip  # pylint: disable=g-import-not-at-top
-  byte_symbols = list(tokenization_clip.bytes_to_unicode().values())
-  # The end-of-text token gets the highest id: CLIP pools the text tower at
-  # the argmax of the token ids.
-  tokens = (byte_symbols + [s + "</w>" for s in byte_symbols] +
-            ["<|startoftext|>", "<|endoftext|>"])
-  vocab_path = os.path.join(directory, "vocab.json")
-  merges_path = os.path.join(directory, "merges.txt")
-  with open(vocab_path, "w", encoding="utf-8") as f:
-    json.dump({token: i for i, token in enumerate(tokens)}, f)
-  with open(merges_path, "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n")
-  tokenizer = transformers.CLIPTokenizer(vocab_path, merges_path)
-  tokenizer.save_pretrained(directory)
-  return len(tokens)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tiny_clip"))
-  vocab_size = _write_byte_level_clip_tokenizer(directory)
-  config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=vocab_size, hidden_size=32,
-                       intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=2,
-                       max_position_embeddings=CLIP_MAX_TEXT_LENGTH,
-                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                       pad_token_id=vocab_size - 1),
-      vision_config=dict(hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=2,
-                         image_size=CLIP_IMAGE_SIZE, patch_size=4),
-      projection_dim=CLIP_PROJECTION_DIM)
-  transformers.FlaxCLIPModel(config, seed=0).save_pretrained(directory)
-  return directory
+  return tiny_models.save_tiny_clip(
+      str(tmp_path_factory.mktemp("tiny_clip")), image_size=CLIP_IMAGE_SIZE,
+      patch_size=4, projection_dim=CLIP_PROJECTION_DIM,
+      max_text_length=CLIP_MAX_TEXT_LENGTH)
 
 
 @pytest.fixture(scope="module")

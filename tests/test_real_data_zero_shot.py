@@ -11,7 +11,6 @@ zero-shot text head and adamix starts from it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -20,6 +19,7 @@ import pytest
 
 from adamix_jax.train import io
 from adamix_jax.train import stages
+import tiny_models
 
 # The launcher's defaults, loaded by path like --config does (``experiments``
 # is not an installed package).
@@ -39,39 +39,10 @@ TRAIN_PER_CLASS = 12
 TEST_PER_CLASS = 4
 
 
-def _write_byte_level_clip_tokenizer(directory: str) -> int:
-  """A CLIP tokenizer needing no download (as in test_real_data_models)."""
-  from transformers.models.clip import tokenization_clip  # pylint: disable=g-import-not-at-top
-  byte_symbols = list(tokenization_clip.bytes_to_unicode().values())
-  # End-of-text gets the highest id: CLIP pools text at the argmax token id.
-  tokens = (byte_symbols + [s + "</w>" for s in byte_symbols] +
-            ["<|startoftext|>", "<|endoftext|>"])
-  vocab_path = os.path.join(directory, "vocab.json")
-  merges_path = os.path.join(directory, "merges.txt")
-  with open(vocab_path, "w", encoding="utf-8") as f:
-    json.dump({token: i for i, token in enumerate(tokens)}, f)
-  with open(merges_path, "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n")
-  transformers.CLIPTokenizer(vocab_path, merges_path).save_pretrained(directory)
-  return len(tokens)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tiny_clip"))
-  vocab_size = _write_byte_level_clip_tokenizer(directory)
-  config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=vocab_size, hidden_size=32,
-                       intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=24,
-                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                       pad_token_id=vocab_size - 1),
-      vision_config=dict(hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=2,
-                         image_size=32, patch_size=8),
-      projection_dim=16)
-  transformers.FlaxCLIPModel(config, seed=0).save_pretrained(directory)
-  return directory
+  return tiny_models.save_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")),
+                                    image_size=32, patch_size=8)
 
 
 @pytest.fixture(scope="module")
