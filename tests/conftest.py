@@ -6,4 +6,17 @@ parallel tests run the same step on 8 simulated CPU devices.
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+@pytest.fixture(scope="module")
+def meshes():
+  """(1-device mesh, 8-device mesh) for the multidevice tests."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
+  from multidevice_helpers import NUM_DEVICES  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < NUM_DEVICES:
+    pytest.skip(f"needs {NUM_DEVICES} devices (XLA_FLAGS above)")
+  return parallel.make_data_mesh(1), parallel.make_data_mesh(NUM_DEVICES)

@@ -20,43 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
-from scipy import stats
 from sklearn import datasets
 
 from adamix_jax import parallel
 from adamix_jax.models import cnn
 from adamix_jax.privacy import accounting
 from adamix_jax.train import full_model
+from multidevice_helpers import assert_noise_std as _assert_noise_std
+from multidevice_helpers import flat as _flat
 
-NUM_DEVICES = 8
 SIGMA, CLIP = 1.3, 0.7
 TINY_CNN = cnn.SmallCNN(channels=(4, 8), hidden=16)
-
-
-@pytest.fixture(scope="module")
-def meshes():
-  if jax.device_count() < NUM_DEVICES:
-    pytest.skip(f"needs {NUM_DEVICES} devices (tests/conftest.py XLA_FLAGS)")
-  return parallel.make_data_mesh(1), parallel.make_data_mesh(NUM_DEVICES)
-
-
-def _ks_pvalue(samples: np.ndarray, std: float) -> float:
-  return float(stats.kstest(samples / std, "norm").pvalue)
-
-
-def _assert_noise_std(samples: np.ndarray, std: float) -> None:
-  """The law is N(0, std^2); the per-device mistakes are rejected."""
-  assert samples.size >= 50_000
-  assert _ks_pvalue(samples, std) > 1e-3
-  assert samples.std() == pytest.approx(std, rel=0.03)
-  for wrong in (std / np.sqrt(NUM_DEVICES), std * np.sqrt(NUM_DEVICES)):
-    assert _ks_pvalue(samples, wrong) < 1e-6
-
-
-def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.asarray(x, np.float64).ravel()
-                         for x in jax.tree_util.tree_leaves(tree)])
 
 
 def _digits_images():
