@@ -273,13 +273,13 @@ def train_private_head_sharded(*args, mesh: Optional[Mesh] = None,
   padded size is a multiple of ``mesh.size``), the noise comes from the
   same replicated key, and the subspace is refreshed the same way.
   ``mesh`` defaults to all devices. ``representation="dual"`` is not data
-  parallel (yet): use the single-device loop for it.
+  parallel (yet): "auto" runs the matrix form here.
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
   """
   mesh = make_data_mesh() if mesh is None else mesh
-  if kwargs.get("representation", "matrix") != "matrix":
+  if kwargs.get("representation", "auto") not in ("auto", "matrix"):
     raise ValueError(f"representation={kwargs['representation']!r} is not "
                      "supported data parallel; use 'matrix' (the same update).")
   return private_linear.train_private_head(

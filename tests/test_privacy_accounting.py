@@ -25,6 +25,7 @@ from adamix_jax.privacy import calibrate_noise_multiplier
 from adamix_jax.privacy import compute_epsilon
 from adamix_jax.privacy import dp_sgd_event
 from adamix_jax.privacy import PrivacyLedger
+from adamix_jax.privacy.accounting import LedgerEntry
 
 DELTA = 1e-5
 
@@ -189,6 +190,39 @@ def test_accounting_check_budget_raises_and_says_by_how_much():
   # No target: never refuses.
   free = PrivacyLedger(delta=DELTA)
   assert free.check_budget(1.1, 0.01, 100) > 0
+
+
+def test_budget_guard_check_step_refuses_the_first_step_past_the_target():
+  # The target fits exactly 50 steps: the 51st is refused before it is taken.
+  target = compute_epsilon(1.1, 0.05, 50, DELTA)
+  ledger = PrivacyLedger(delta=DELTA, target_epsilon=target)
+  ledger.approve(1.1, 0.05, 50)
+  for _ in range(50):
+    ledger.check_step(1.1, 0.05)
+    ledger.record(1.1, 0.05)
+  with pytest.raises(BudgetExceededError, match="over the target"):
+    ledger.check_step(1.1, 0.05)
+  assert ledger.total_steps == 50
+  with pytest.raises(BudgetExceededError, match=r"by \d"):
+    PrivacyLedger(delta=DELTA, target_epsilon=target).approve(1.1, 0.05, 51)
+
+
+def test_budget_guard_plan_does_not_cover_steps_recorded_outside_it():
+  # 50 steps at sigma=1.1 were approved, then a noisier-than-planned
+  # (sigma=0.5) step was recorded: the plan no longer bounds epsilon, so the
+  # next planned step is checked in full and refused.
+  target = compute_epsilon(1.1, 0.05, 50, DELTA)
+  ledger = PrivacyLedger(delta=DELTA, target_epsilon=target)
+  ledger.approve(1.1, 0.05, 50)
+  ledger.record(0.5, 0.05)
+  with pytest.raises(BudgetExceededError):
+    ledger.check_step(1.1, 0.05)
+  # Restored entries (a resume) also drop the plan.
+  ledger = PrivacyLedger(delta=DELTA, target_epsilon=target)
+  ledger.approve(1.1, 0.05, 50)
+  ledger.replace_entries([LedgerEntry(1.1, 0.05, 50)])
+  with pytest.raises(BudgetExceededError):
+    ledger.check_step(1.1, 0.05)
 
 
 def test_accounting_zero_noise_is_infinite_epsilon():

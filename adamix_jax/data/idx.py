@@ -149,8 +149,10 @@ def load_fashion_mnist(root: str | os.PathLike[str] = FASHION_MNIST_ROOT,
     labels = base.check_labels(read_idx(labels_path),
                                len(FASHION_MNIST_CLASSES), str(labels_path))
     if len(images) != len(labels):
-      raise ValueError(f"{images_path} has {len(images)} images but "
-                       f"{labels_path} has {len(labels)} labels.")
+      raise ValueError(
+          f"Label count mismatch: {images_path} has {len(images)} images but "
+          f"{labels_path} has {len(labels)} labels. The two files must come "
+          "from the same split and download; re-download the damaged one.")
     images = images[..., None]
     if channels == 3:
       images = np.broadcast_to(images, images.shape[:3] + (3,))

@@ -46,12 +46,20 @@ def few_shot_split(labels: np.ndarray,
     raise ValueError(
         f"private_per_class must be positive or None, got {private_per_class}.")
   counts = np.bincount(labels, minlength=num_classes)
+  absent = np.flatnonzero(counts == 0)
+  if public_per_class > 0 and absent.size:
+    raise ValueError(
+        f"Class(es) {absent.tolist()} have no training examples, but "
+        f"public_per_class={public_per_class} needs public examples of every "
+        "class. Drop those classes from class_names (remapping the labels), "
+        "or check the training split's labels.")
   short = np.flatnonzero(counts < public_per_class)
   if short.size:
     raise ValueError(
         f"public_per_class={public_per_class} but class(es) {short.tolist()} have "
         f"only {counts[short].tolist()} training example(s). Lower "
-        "public_per_class or drop those classes.")
+        f"public_per_class to at most {int(counts[short].min())} or drop those "
+        "classes.")
   rng = np.random.default_rng(seed)
   public, private = [], []
   for c in range(num_classes):

@@ -26,9 +26,18 @@ def _is_identity(backbone: models_base.Backbone) -> bool:
 
 
 def _load_batch(split: data_base.LabeledSplit, indices: Sequence[int],
-                backbone: models_base.Backbone,
-                resolution: int | None) -> np.ndarray:
+                backbone: models_base.Backbone, resolution: int | None,
+                description: str) -> np.ndarray:
   items = [split[i][0] for i in indices]
+  # Checked on the raw items: a NaN pixel would otherwise surface later as
+  # NaN features blamed on the backbone, or be hidden by its preprocessing.
+  bad = [i for i, item in zip(indices, items)
+         if np.issubdtype(np.asarray(item).dtype, np.floating)
+         and not np.all(np.isfinite(item))]
+  if bad:
+    raise ValueError(
+        f"{description}: item(s) {bad[:5]} hold NaN or inf values. Clean or "
+        "drop them in the data source before extracting features.")
   if resolution is not None:
     items = [models_base.resize_image(item, resolution) for item in items]
   return backbone.preprocess(items)
@@ -68,7 +77,8 @@ def compute_features(split: data_base.LabeledSplit,
 
     def submit(start: int) -> concurrent.futures.Future:
       indices = range(start, min(start + rows, num_items))
-      return pool.submit(_load_batch, split, indices, backbone, resolution)
+      return pool.submit(_load_batch, split, indices, backbone, resolution,
+                         description)
 
     pending = submit(0)
     for start in starts:

@@ -167,8 +167,10 @@ class PrivacyLedger:
   Example::
 
     ledger = PrivacyLedger(delta=1e-5, target_epsilon=3.0)
-    ledger.check_budget(sigma, q, planned_steps)   # refuse before starting
-    ...; ledger.record(sigma, q)                   # after each private step
+    ledger.approve(sigma, q, planned_steps)        # refuse before starting
+    for _ in range(planned_steps):
+      ledger.check_step(sigma, q)                  # the guard before each step
+      ...; ledger.record(sigma, q)                 # after its noisy update
     ledger.epsilon()                               # PLD; ledger.epsilon(accountant="rdp")
     ledger.save(path); PrivacyLedger.load(path)    # survives resumes
 
@@ -179,6 +181,10 @@ class PrivacyLedger:
   delta: float
   target_epsilon: float | None = None
   entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
+  # (sigma, q, total steps) approved by ``approve``: ``check_step`` is O(1)
+  # inside it. Dropped whenever anything else is recorded.
+  _plan: tuple[float, float, int] | None = dataclasses.field(
+      default=None, init=False, repr=False, compare=False)
 
   def __post_init__(self):
     _check_delta(self.delta)
@@ -198,6 +204,9 @@ class PrivacyLedger:
     noise_multiplier, sampling_rate = float(noise_multiplier), float(sampling_rate)
     _check_entry(noise_multiplier, sampling_rate, steps)
     steps = int(steps)
+    if self._plan is not None and self._plan[:2] != (noise_multiplier,
+                                                     sampling_rate):
+      self._plan = None
     last = self.entries[-1] if self.entries else None
     if (last is not None and last.noise_multiplier == noise_multiplier and
         last.sampling_rate == sampling_rate):
@@ -246,6 +255,40 @@ class PrivacyLedger:
           f" (already spent {self.epsilon():.4f} in {self.total_steps} steps). "
           "Lower the number of steps or raise the noise multiplier.")
     return after
+
+  def approve(self, noise_multiplier: float, sampling_rate: float,
+              steps: int) -> float:
+    """``check_budget`` for a whole planned run, remembered by ``check_step``.
+
+    Epsilon grows with every step, so once ``steps`` more steps fit, every
+    prefix of them fits too: ``check_step`` then needs no accountant call.
+    """
+    after = self.check_budget(noise_multiplier, sampling_rate, steps)
+    self._plan = (float(noise_multiplier), float(sampling_rate),
+                  self.total_steps + int(steps))
+    return after
+
+  def check_step(self, noise_multiplier: float, sampling_rate: float) -> None:
+    """The guard before each private step: one more step must fit the target.
+
+    Raises BudgetExceededError otherwise. Free inside an ``approve``d plan;
+    a full accountant call outside one.
+    """
+    plan = self._plan
+    if (plan is not None and
+        plan[:2] == (float(noise_multiplier), float(sampling_rate)) and
+        self.total_steps + 1 <= plan[2]):
+      return
+    self.check_budget(noise_multiplier, sampling_rate, 1)
+
+  def replace_entries(self, entries: list[LedgerEntry]) -> None:
+    """Sets the entries (e.g. from a checkpoint); drops any approved plan."""
+    entries = [e if isinstance(e, LedgerEntry) else LedgerEntry(**e)
+               for e in entries]
+    for e in entries:
+      _check_entry(e.noise_multiplier, e.sampling_rate, e.steps)
+    self.entries = [dataclasses.replace(e) for e in entries]
+    self._plan = None
 
   def to_dict(self) -> dict[str, Any]:
     return {"delta": self.delta, "target_epsilon": self.target_epsilon,

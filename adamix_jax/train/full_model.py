@@ -403,14 +403,15 @@ def train_full_model(loss_fn: ExampleLoss,
     config: the step's hyperparameters.
     optimizer: any optax transformation (it sees the privatised gradient).
     steps, sampling_rate, seed: T, Poisson rate q, seed of sampler & noise.
-    ledger: records each step; its target is enforced before starting.
+    ledger: records each step; its target is enforced before starting and
+      before each step.
     mesh: data-parallel mesh (``parallel.make_data_mesh()``), or None.
     on_step: optional callback(step, metrics).
 
   Returns:
     The final parameters (numpy leaves).
   """
-  ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
+  ledger.approve(config.noise_multiplier, sampling_rate, steps)
   # Padded sizes: a multiple of (devices x microbatch), so that every
   # device gets a whole number of microbatches.
   pad_multiple = (1 if mesh is None else mesh.size) * (
@@ -431,6 +432,7 @@ def train_full_model(loss_fn: ExampleLoss,
     batch = sampler.batch(t)
     x, y, mask = place_batch(private_x[batch.indices],
                              private_y[batch.indices], batch.mask, mesh)
+    ledger.check_step(config.noise_multiplier, sampling_rate)
     state, metrics = step_fn(state, public, basis, x, y, mask)
     ledger.record(config.noise_multiplier, sampling_rate)
     if on_step is not None:

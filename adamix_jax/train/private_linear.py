@@ -22,6 +22,7 @@ from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import sampler as sampler_lib
+from adamix_jax.train import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,8 @@ def _jitted_dual_step(config, state, subspace, public, cache, private_y,
 
 
 REPRESENTATIONS = ("matrix", "dual")
+# "auto" uses the dual form only when its caches fit in this much memory.
+DUAL_CACHE_LIMIT_BYTES = 2 * 2**30
 
 
 def private_public_kernel(private_x_aug: jax.Array, public_x_aug: jax.Array,
@@ -176,6 +179,51 @@ def _augment_host(x: np.ndarray) -> np.ndarray:
   return np.asarray(linear.augment(np.asarray(x, np.float32)), np.float32)
 
 
+def choose_representation(representation: str, subspace: SubspaceSpec,
+                          config: step_lib.StepConfig, num_private: int,
+                          num_public: int, num_classes: int,
+                          placement: SingleDevice) -> str:
+  """Resolves ``representation="auto"``: the dual form wherever it applies.
+
+  It applies to a "gradients" subspace on the closed-form path with public
+  examples, on one device, when its caches (N x (n + 2c) floats) fit in
+  ``DUAL_CACHE_LIMIT_BYTES``; otherwise the matrix form (the same update).
+  An explicit "dual" that does not apply is an error.
+  """
+  if representation not in REPRESENTATIONS + ("auto",):
+    raise ValueError(f"representation must be one of "
+                     f"{REPRESENTATIONS + ('auto',)}, got {representation!r}.")
+  applies = (subspace.kind == "gradients" and config.path == "closed_form" and
+             num_public > 0)
+  one_device = type(placement) is SingleDevice  # pylint: disable=unidiomatic-typecheck
+  if representation == "dual":
+    if not applies:
+      raise ValueError("representation='dual' needs a 'gradients' subspace, "
+                       "path='closed_form' and public examples.")
+    if not one_device:
+      raise ValueError("representation='dual' runs on one device only; use "
+                       "'matrix' (the same update) for data parallelism.")
+    return "dual"
+  if representation == "matrix":
+    return "matrix"
+  cache_bytes = 4 * num_private * (num_public + 2 * num_classes)
+  if applies and one_device and cache_bytes <= DUAL_CACHE_LIMIT_BYTES:
+    return "dual"
+  return "matrix"
+
+
+def run_fingerprint(private_x, private_y, public_x, public_y, anchor_params,
+                    config: step_lib.StepConfig, **settings) -> dict:
+  """What a checkpoint must match to be resumed by a run (see checkpoint)."""
+  return {"private_data": checkpoint_lib.digest(private_x, private_y),
+          "public_data": checkpoint_lib.digest(public_x, public_y),
+          "anchor": checkpoint_lib.digest(anchor_params["kernel"],
+                                          anchor_params["bias"]),
+          "step_config": repr(config),
+          **{k: v if isinstance(v, (int, float, str, type(None))) else repr(v)
+             for k, v in settings.items()}}
+
+
 def train_private_head(private_x: np.ndarray,
                        private_y: np.ndarray,
                        public_x: np.ndarray,
@@ -194,14 +242,17 @@ def train_private_head(private_x: np.ndarray,
                        on_step: Optional[Callable[[int, step_lib.StepMetrics],
                                                   None]] = None,
                        cache_private_kernel: bool = False,
-                       representation: str = "matrix",
+                       representation: str = "auto",
                        placement: Optional[SingleDevice] = None,
+                       checkpointer: Optional[
+                           checkpoint_lib.RunCheckpointer] = None,
                        ) -> dict:
   """Runs ``steps`` private steps from ``anchor_params``; returns the params.
 
-  The ledger is checked for the whole planned run before the first step
-  (epsilon is monotone in steps, so every prefix then fits) and records each
-  step after its noisy update is applied.
+  The budget guard: the ledger approves the whole remaining run before the
+  first step (epsilon is monotone in steps, so every prefix then fits),
+  checks each step before it is taken, and records it after its noisy update
+  is applied.
 
   Args:
     private_x, private_y: the private set (features, labels).
@@ -219,37 +270,42 @@ def train_private_head(private_x: np.ndarray,
     fallback_basis: (d+1, r) public directions to use as a ``features``
       subspace when there are no public examples (zero-shot head columns).
     on_step: optional callback(step, metrics) for progress/diagnostics.
-    cache_private_kernel: with a "gradients" subspace and the closed form,
-      compute X~ X~p^T (N x n floats) for all private examples once, so each
-      step gathers its batch's rows instead of a B x n x (d+1) product.
-    representation: "matrix" (the parameters are the state) or "dual"
-      (closed form with a "gradients" subspace only: the state is
+    cache_private_kernel: matrix form with a "gradients" subspace: compute
+      X~ X~p^T (N x n floats) for all private examples once, so each step
+      gathers its batch's rows instead of a B x n x (d+1) product.
+    representation: "auto" (default: "dual" wherever it applies, see
+      ``choose_representation``), "matrix" (the parameters are the state) or
+      "dual" (closed form with a "gradients" subspace only: the state is
       W~_0 + a D + X~p^T S, see step.dual_train_step; it caches the private
       kernel and logits, N x (n + 2c) floats, and refreshes the subspace
       inside the step). Same update up to float rounding, fewer flops.
     placement: where arrays live and how steps are compiled; default one
       device. ``adamix_jax.parallel.MeshPlacement(mesh)`` runs the same loop
       data parallel (see ``parallel.train_private_head_sharded``).
+    checkpointer: saves the state and the ledger every few steps and at the
+      end; the run first resumes from its latest checkpoint, if any (the
+      ledger is then the checkpoint's). See ``adamix_jax.train.checkpoint``.
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model.
   """
   learning_rate_scale(lr_schedule, 0, steps)  # validates the name early
-  if representation not in REPRESENTATIONS:
-    raise ValueError(f"representation must be one of {REPRESENTATIONS}, got "
-                     f"{representation!r}.")
-  if representation == "dual" and (subspace.kind != "gradients" or
-                                   config.path != "closed_form" or
-                                   len(public_y) == 0):
-    raise ValueError("representation='dual' needs a 'gradients' subspace, "
-                     "path='closed_form' and public examples.")
   if not 0.0 <= average_tail < 1.0:
     raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
   placement = SingleDevice() if placement is None else placement
-  if representation == "dual" and not isinstance(placement, SingleDevice):
-    raise ValueError("representation='dual' runs on one device only; use "
-                     "'matrix' (the same update) for data parallelism.")
-  ledger.check_budget(config.noise_multiplier, sampling_rate, steps)
+  num_classes = np.asarray(anchor_params["kernel"]).shape[1]
+  representation = choose_representation(
+      representation, subspace, config, len(private_y), len(public_y),
+      num_classes, placement)
+  fingerprint = None
+  if checkpointer is not None:
+    fingerprint = run_fingerprint(
+        private_x, private_y, public_x, public_y, anchor_params, config,
+        steps=steps, sampling_rate=float(sampling_rate), seed=seed,
+        subspace=subspace, average_tail=float(average_tail),
+        lr_schedule=lr_schedule, representation=representation,
+        fallback_basis=None if fallback_basis is None else
+        checkpoint_lib.digest(fallback_basis))
   sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed,
                                        pad_multiple=placement.pad_multiple)
   private_x_host = _augment_host(private_x)
@@ -262,61 +318,69 @@ def train_private_head(private_x: np.ndarray,
   # The public feature Gram never changes: cached for the gradient subspace.
   public = placement.public_data(public_x_aug, public_y_dev,
                                  subspace.kind == "gradients")
-  state = placement.init_state(anchor_params, seed)
   average_from = placement.replicate(
       np.int32(int(round(steps * (1.0 - average_tail)))))
   basis = None if fallback_basis is None else placement.replicate(
       np.asarray(fallback_basis, np.float32))
   build = placement.build_subspace(subspace)
-  current = build(state.matrix, public, basis)
   if representation == "dual":
-    return _train_dual(private_x_aug, private_y_dev, public, anchor_params,
-                       config, current, steps=steps,
-                       sampling_rate=sampling_rate, sampler=sampler,
-                       seed=seed, ledger=ledger, subspace=subspace,
-                       average_from=average_from, average_tail=average_tail,
-                       lr_schedule=lr_schedule, on_step=on_step)
-  kernel = None
-  if (cache_private_kernel and current.kind == "gradients" and
-      config.path == "closed_form"):
-    kernel = placement.private_kernel(private_x_aug, public.x_aug)
-  step_fn = placement.step(config)
-  for t in range(steps):
-    if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
-      current = build(state.matrix, public, basis, current)
-    batch = sampler.batch(t)
-    indices, mask = placement.shard_batch(
-        (batch.indices.astype(np.int32), batch.mask))
+    state, cache = step_lib.init_dual(
+        anchor_params, public, private_x_aug, jax.random.key(seed),
+        private_kernel=private_public_kernel(private_x_aug, public.x_aug))
+    current = build(step_lib.dual_matrix(state, cache, public), public, basis)
+    refresh = step_lib.BasisRefresh(subspace.rank, subspace.method,
+                                    subspace.iterations, subspace.oversample)
+
+    def advance(t, state, current, batch, lr_scale):
+      return _jitted_dual_step(
+          config, state, current, public, cache, private_y_dev,
+          jnp.asarray(batch.indices), jnp.asarray(batch.mask), average_from,
+          lr_scale, refresh if t % subspace.refresh_every == 0 and t else None)
+
+    def final_matrix(state):
+      return step_lib.dual_matrix(state, cache, public,
+                                  average=average_tail > 0)
+  else:
+    state = placement.init_state(anchor_params, seed)
+    current = build(state.matrix, public, basis)
+    kernel = None
+    if (cache_private_kernel and current.kind == "gradients" and
+        config.path == "closed_form"):
+      kernel = placement.private_kernel(private_x_aug, public.x_aug)
+    step_fn = placement.step(config)
+
+    def advance(t, state, current, batch, lr_scale):
+      if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
+        current = build(state.matrix, public, basis, current)
+      indices, mask = placement.shard_batch(
+          (batch.indices.astype(np.int32), batch.mask))
+      state, metrics = step_fn(state, current, public, private_x_aug,
+                               private_y_dev, indices, mask, average_from,
+                               lr_scale, kernel)
+      return state, metrics, current
+
+    def final_matrix(state):
+      return state.average if average_tail > 0 else state.matrix
+
+  start = 0
+  if checkpointer is not None:
+    restored = checkpointer.restore((state, current), ledger, fingerprint,
+                                    put=placement.replicate)
+    if restored is not None:
+      start, (state, current) = restored.step, restored.tree
+  sigma, q = config.noise_multiplier, sampling_rate
+  ledger.approve(sigma, q, steps - start)
+  for t in range(start, steps):
+    ledger.check_step(sigma, q)
     lr_scale = placement.replicate(
         np.float32(learning_rate_scale(lr_schedule, t, steps)))
-    state, metrics = step_fn(state, current, public, private_x_aug,
-                             private_y_dev, indices, mask, average_from,
-                             lr_scale, kernel)
-    ledger.record(config.noise_multiplier, sampling_rate)
+    state, metrics, current = advance(t, state, current, sampler.batch(t),
+                                      lr_scale)
+    ledger.record(sigma, q)
+    if checkpointer is not None:
+      checkpointer.maybe_save(t + 1, (state, current), ledger, fingerprint,
+                              force=t + 1 == steps)
     if on_step is not None:
       on_step(t, metrics)
-  final = state.average if average_tail > 0 else state.matrix
+  final = final_matrix(state)
   return {k: np.asarray(v) for k, v in linear.unstack(final).items()}
-
-
-def _train_dual(private_x_aug, private_y, public, anchor_params, config,
-                current, *, steps, sampling_rate, sampler, seed, ledger,
-                subspace, average_from, average_tail, lr_schedule, on_step):
-  """The loop of ``train_private_head`` in the dual form."""
-  state, cache = step_lib.init_dual(
-      anchor_params, public, private_x_aug, jax.random.key(seed),
-      private_kernel=private_public_kernel(private_x_aug, public.x_aug))
-  refresh = step_lib.BasisRefresh(subspace.rank, subspace.method,
-                                  subspace.iterations, subspace.oversample)
-  for t in range(steps):
-    batch = sampler.batch(t)
-    state, metrics, current = _jitted_dual_step(
-        config, state, current, public, cache, private_y,
-        jnp.asarray(batch.indices), jnp.asarray(batch.mask), average_from,
-        jnp.float32(learning_rate_scale(lr_schedule, t, steps)),
-        refresh if t % subspace.refresh_every == 0 and t else None)
-    ledger.record(config.noise_multiplier, sampling_rate)
-    if on_step is not None:
-      on_step(t, metrics)
-  final = step_lib.dual_matrix(state, cache, public, average=average_tail > 0)
-  return jax.tree_util.tree_map(np.asarray, linear.unstack(final))

@@ -18,9 +18,11 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, Iterable, Optional
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -32,6 +34,7 @@ from adamix_jax.adamix import step as step_lib
 from adamix_jax.features import preprocess as preprocess_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import io
 from adamix_jax.train import private_linear
 from adamix_jax.train import report as report_lib
@@ -59,12 +62,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.methods:
     raise ValueError("config.methods is empty; choose from "
                      f"{list(METHODS)}.")
+  if config.dataset not in data_lib.KNOWN_SOURCES:
+    raise ValueError(f"Unknown config.dataset {config.dataset!r}; known "
+                     f"datasets: {', '.join(sorted(data_lib.KNOWN_SOURCES))}.")
+  from adamix_jax.models import registry  # pylint: disable=g-import-not-at-top
+  if config.backbone not in registry.KNOWN_BACKBONES:
+    raise ValueError(f"Unknown config.backbone {config.backbone!r}; known "
+                     f"backbones: {', '.join(registry.KNOWN_BACKBONES)}.")
   for eps in config.epsilons:
     if not eps > 0:
       raise ValueError(f"Every epsilon must be > 0, got {eps} in "
-                       f"config.epsilons.")
+                       "config.epsilons; remove it or use a positive budget "
+                       "such as 1.0.")
   if not 0.0 < config.delta < 1.0:
-    raise ValueError(f"config.delta must be in (0, 1), got {config.delta}.")
+    raise ValueError(f"config.delta must be in (0, 1), got {config.delta}; use "
+                     "a small value below 1/n_private, such as 1e-5.")
   if config.public_per_class < 0:
     raise ValueError("config.public_per_class must be >= 0 (0 = zero-shot), "
                      f"got {config.public_per_class}.")
@@ -252,12 +264,33 @@ def run_features(config, workdir: Workdir) -> None:
               class_names=np.array(source.class_names))
 
 
+def _load_output(path: str, stage: str) -> dict[str, np.ndarray]:
+  """Reads one stage's npz output; a damaged file is reported, never removed.
+
+  Stages skip outputs that exist, so rerunning alone would keep a truncated
+  file forever: the message says to delete it first.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage "
+                            f"first (--stages={stage},...).")
+  try:
+    return io.load_npz(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise ValueError(
+        f"{path} is unreadable: truncated or corrupt ({type(error).__name__}: "
+        f"{error}). It was left in place: delete it and rerun the {stage!r} "
+        f"stage (--stages={stage},...) to rebuild it.") from error
+
+
 def load_features(workdir: Workdir) -> dict[str, np.ndarray]:
-  if not os.path.exists(workdir.features):
-    raise FileNotFoundError(
-        f"{workdir.features} is missing: run the 'features' stage first "
-        "(--stages=features,...).")
-  return io.load_npz(workdir.features)
+  features = _load_output(workdir.features, "features")
+  missing = [key for key in ("x_train", "y_train", "x_test", "y_test",
+                             "class_names") if key not in features]
+  if missing:
+    raise ValueError(
+        f"{workdir.features} lacks key(s) {missing}. Delete it and rerun the "
+        "'features' stage (--stages=features,...) to rebuild it.")
+  return features
 
 
 # --- stage: public_init ----------------------------------------------------
@@ -303,7 +336,7 @@ def run_public_init(config, workdir: Workdir) -> None:
       continue
     if features is None:
       features = load_features(workdir)
-      splits = io.load_npz(workdir.splits)
+      splits = _load_output(workdir.splits, "features")
     num_classes = len(features["class_names"])
     public_idx = splits[f"public_{seed}"]
     x_pub_raw = features["x_train"][public_idx]
@@ -328,11 +361,8 @@ def run_public_init(config, workdir: Workdir) -> None:
 def load_seed(config, workdir: Workdir, seed: int,
               features: Optional[dict] = None) -> SeedData:
   features = features if features is not None else load_features(workdir)
-  splits = io.load_npz(workdir.splits)
-  path = workdir.public_init(seed)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: run the 'public_init' stage.")
-  saved = io.load_npz(path)
+  splits = _load_output(workdir.splits, "features")
+  saved = _load_output(workdir.public_init(seed), "public_init")
   prep = preprocess_lib.Preprocessor.from_arrays(saved)
   public_idx, private_idx = splits[f"public_{seed}"], splits[f"private_{seed}"]
   x_train = prep(features["x_train"])
@@ -372,6 +402,11 @@ def step_config(config, method: str, sigma: float,
 
 
 def check_delta(config, num_private: int) -> None:
+  if num_private <= 0:
+    raise ValueError(
+        "No private examples are left after taking the public ones, so there "
+        "is nothing to train privately on. Lower config.public_per_class or "
+        "use more training data.")
   if config.delta >= 1.0 / num_private and not config.allow_large_delta:
     raise ValueError(
         f"delta={config.delta:g} >= 1/n_private = 1/{num_private}: a mechanism "
@@ -383,12 +418,15 @@ def check_delta(config, num_private: int) -> None:
 def train_dp_method(config, method: str, epsilon: float, seed: int,
                     seed_data: SeedData,
                     ledger: Optional[accounting.PrivacyLedger] = None,
-                    mesh=None
+                    mesh=None, checkpoint_dir: Optional[str] = None
                     ) -> tuple[dict, accounting.PrivacyLedger, dict]:
   """Trains dp_sgd or adamix for one (epsilon, seed); returns params, ledger.
 
   With a ``mesh`` (``adamix_jax.parallel.make_data_mesh``) the private step
   runs data parallel over it; the result is the same up to float rounding.
+  With a ``checkpoint_dir`` the run checkpoints its state and ledger every
+  ``config.train.checkpoint_every`` steps and resumes from the latest
+  checkpoint there (``meta["resumed_from_step"]``).
   """
   train = config.train
   steps = num_steps(config)
@@ -414,7 +452,7 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
     public_x, public_y = seed_data.public_x, seed_data.public_y
     subspace = private_linear.SubspaceSpec(
         config.adamix.subspace, config.adamix.subspace_rank,
-        config.adamix.refresh_every)
+        config.adamix.refresh_every, method=config.adamix.subspace_method)
     if seed_data.zero_shot:
       fallback = linear.stack(seed_data.public_params)
   train_head = private_linear.train_private_head
@@ -422,12 +460,23 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
     from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
     train_head = functools.partial(parallel.train_private_head_sharded,
                                    mesh=mesh)
-  params = train_head(
-      seed_data.private_x, seed_data.private_y, public_x, public_y, anchor, cfg,
-      steps=steps, sampling_rate=train.sampling_rate, seed=seed, ledger=ledger,
-      subspace=subspace, average_tail=train.average_tail,
-      lr_schedule=train.lr_schedule, fallback_basis=fallback)
+  checkpointer = resumed_from = None
+  if checkpoint_dir is not None:
+    checkpointer = checkpoint_lib.RunCheckpointer(checkpoint_dir,
+                                                  train.checkpoint_every)
+    resumed_from = checkpointer.latest_step()
+  try:
+    params = train_head(
+        seed_data.private_x, seed_data.private_y, public_x, public_y, anchor,
+        cfg, steps=steps, sampling_rate=train.sampling_rate, seed=seed,
+        ledger=ledger, subspace=subspace, average_tail=train.average_tail,
+        lr_schedule=train.lr_schedule, fallback_basis=fallback,
+        checkpointer=checkpointer)
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
   meta = {"method": method, "epsilon": float(epsilon), "seed": seed,
+          "resumed_from_step": resumed_from,
           "noise_multiplier": sigma, "steps": steps,
           "sampling_rate": float(train.sampling_rate),
           "private_examples": int(len(seed_data.private_y)),
@@ -473,8 +522,13 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
       meta = {"method": method, "seed": seed, "weight_decay": cv.weight_decay,
               "cv_errors": cv.cv_errors}
     else:
+      checkpoints = os.path.join(out, "checkpoints")
       params, ledger, meta = train_dp_method(config, method, epsilon, seed, data,
-                                             mesh=mesh)
+                                             mesh=mesh,
+                                             checkpoint_dir=checkpoints)
+      if meta["resumed_from_step"] is not None:
+        logger.info("%s eps=%s seed=%s resumed at step %d of %d", method,
+                    epsilon, seed, meta["resumed_from_step"], meta["steps"])
       ledger.save(os.path.join(out, "ledger.json"))
     meta["seconds"] = round(time.time() - start, 3)
     io.save_json(os.path.join(out, "meta.json"), meta)
@@ -482,6 +536,9 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     io.save_npz(os.path.join(out, "params.npz"),
                 kernel=np.asarray(params["kernel"]),
                 bias=np.asarray(params["bias"]))
+    if method != "paragon":
+      # Done: the outputs above (params, ledger, meta) are the record now.
+      shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _key(job):

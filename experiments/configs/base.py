@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.average_tail = 0.5  # average the iterates of the last half
   config.train.clip_norm = 1.0  # dp_sgd's fixed threshold (||grad|| <= 2)
   config.train.path = "closed_form"  # or "vmap" (same update, slower)
+  # Checkpoint the state and the ledger every this many private steps (and
+  # at the end of each run); a rerun resumes from the latest one.
+  config.train.checkpoint_every = 100
 
   # --- AdaMix components (each can be switched off for the ablation) ------
   config.adamix = ml_collections.ConfigDict()
@@ -56,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.adamix.subspace = "none"  # "none" | "features" | "gradients"
   config.adamix.subspace_rank = 0
   config.adamix.refresh_every = 10
+  # How a "gradients" subspace is refreshed: "iterative" (warm-started block
+  # subspace iteration + Rayleigh-Ritz, cheap) or "eigh" (exact top-k).
+  config.adamix.subspace_method = "iterative"
   config.adamix.public_weight = 0.0  # alpha, the exact public gradient's weight
   # The paper mixes at set-size weight alpha = n_pub / (n_pub + n_priv).
   config.adamix.public_weight_by_set_size = True
