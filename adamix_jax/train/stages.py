@@ -415,6 +415,37 @@ def check_delta(config, num_private: int) -> None:
         "config.allow_large_delta=True if you really mean it.")
 
 
+@dataclasses.dataclass(frozen=True)
+class PrivateRunInputs:
+  """What a DP method's private run starts from, besides the private set."""
+
+  anchor: dict  # W_0: the start and the pull target
+  public_x: np.ndarray  # the public set the step may use (empty for dp_sgd)
+  public_y: np.ndarray
+  subspace: private_linear.SubspaceSpec
+  fallback_basis: Optional[np.ndarray]  # zero-shot: the text head's columns
+
+
+def private_run_inputs(config, method: str,
+                       seed_data: SeedData) -> PrivateRunInputs:
+  """The start, public data and subspace of ``method`` (dp_sgd or adamix)."""
+  dim = seed_data.private_x.shape[1]
+  zeros = linear.zeros(dim, seed_data.num_classes)
+  if method == "dp_sgd":
+    # DP-SGD uses no public data at all: zero init, fixed clipping norm.
+    return PrivateRunInputs(zeros, seed_data.public_x[:0],
+                            seed_data.public_y[:0],
+                            private_linear.SubspaceSpec(), None)
+  return PrivateRunInputs(
+      anchor=seed_data.public_params if config.adamix.public_init else zeros,
+      public_x=seed_data.public_x, public_y=seed_data.public_y,
+      subspace=private_linear.SubspaceSpec(
+          config.adamix.subspace, config.adamix.subspace_rank,
+          config.adamix.refresh_every, method=config.adamix.subspace_method),
+      fallback_basis=(linear.stack(seed_data.public_params)
+                      if seed_data.zero_shot else None))
+
+
 def train_dp_method(config, method: str, epsilon: float, seed: int,
                     seed_data: SeedData,
                     ledger: Optional[accounting.PrivacyLedger] = None,
@@ -435,26 +466,8 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
       float(epsilon), float(config.delta), float(train.sampling_rate), steps)
   ledger = ledger or accounting.PrivacyLedger(float(config.delta),
                                               float(epsilon))
-  dim = seed_data.private_x.shape[1]
   cfg = step_config(config, method, sigma, seed_data)
-  fallback = None
-  if method == "dp_sgd":
-    # DP-SGD uses no public data at all: zero init, fixed clipping norm.
-    anchor = linear.zeros(dim, seed_data.num_classes)
-    public_x = seed_data.public_x[:0]
-    public_y = seed_data.public_y[:0]
-    subspace = private_linear.SubspaceSpec()
-  else:
-    if config.adamix.public_init:
-      anchor = seed_data.public_params
-    else:
-      anchor = linear.zeros(dim, seed_data.num_classes)
-    public_x, public_y = seed_data.public_x, seed_data.public_y
-    subspace = private_linear.SubspaceSpec(
-        config.adamix.subspace, config.adamix.subspace_rank,
-        config.adamix.refresh_every, method=config.adamix.subspace_method)
-    if seed_data.zero_shot:
-      fallback = linear.stack(seed_data.public_params)
+  inputs = private_run_inputs(config, method, seed_data)
   train_head = private_linear.train_private_head
   if mesh is not None:
     from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -467,10 +480,11 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
     resumed_from = checkpointer.latest_step()
   try:
     params = train_head(
-        seed_data.private_x, seed_data.private_y, public_x, public_y, anchor,
-        cfg, steps=steps, sampling_rate=train.sampling_rate, seed=seed,
-        ledger=ledger, subspace=subspace, average_tail=train.average_tail,
-        lr_schedule=train.lr_schedule, fallback_basis=fallback,
+        seed_data.private_x, seed_data.private_y, inputs.public_x,
+        inputs.public_y, inputs.anchor, cfg, steps=steps,
+        sampling_rate=train.sampling_rate, seed=seed, ledger=ledger,
+        subspace=inputs.subspace, average_tail=train.average_tail,
+        lr_schedule=train.lr_schedule, fallback_basis=inputs.fallback_basis,
         checkpointer=checkpointer)
   finally:
     if checkpointer is not None:
