@@ -57,6 +57,7 @@ from jax.sharding import PartitionSpec as P
 from adamix_jax import parallel
 from adamix_jax import privacy
 from adamix_jax.privacy import clipping
+from adamix_jax.train import checkpoint as checkpoint_lib
 
 PyTree = Any
 ExampleLoss = Callable[[PyTree, PyTree], jax.Array]
@@ -385,13 +386,17 @@ def train_full_model(loss_fn: ExampleLoss,
                      seed: int,
                      ledger: privacy.PrivacyLedger,
                      mesh: Optional[Mesh] = None,
-                     on_step: Optional[Callable[[int, Metrics], None]] = None
+                     on_step: Optional[Callable[[int, Metrics], None]] = None,
+                     checkpointer: Optional[
+                         checkpoint_lib.RunCheckpointer] = None,
+                     fingerprint: Optional[dict] = None
                      ) -> PyTree:
   """Runs ``steps`` private steps of any model from ``init_params``.
 
   Host side: the Poisson sampler (padded to a multiple of the device count
-  and the microbatch size), the budget check before the first step, the
-  ledger record after each applied step. The private set stays on the host;
+  and the microbatch size), the budget guard (the whole run approved before
+  the first step, each step checked before it is taken), the ledger record
+  after each applied step. The private set stays on the host;
   each step ships its (sharded) batch.
 
   Args:
@@ -407,11 +412,27 @@ def train_full_model(loss_fn: ExampleLoss,
       before each step.
     mesh: data-parallel mesh (``parallel.make_data_mesh()``), or None.
     on_step: optional callback(step, metrics).
+    checkpointer: saves (params, optimiser state, noise key, step, public
+      basis) with the ledger every few steps and at the end; the run first
+      resumes from its latest checkpoint (see ``train.checkpoint``).
+    fingerprint: extra fields a checkpoint must match, on top of digests of
+      the data and the start, the config, steps, q and seed. Sharp edge: the
+      optimiser's hyperparameters are closures and cannot be digested here:
+      put them in ``fingerprint`` (the experiment passes its config).
 
   Returns:
     The final parameters (numpy leaves).
   """
-  ledger.approve(config.noise_multiplier, sampling_rate, steps)
+  run_fingerprint = None
+  if checkpointer is not None:
+    run_fingerprint = {
+        "private_data": checkpoint_lib.digest(private_x, private_y),
+        "public_data": checkpoint_lib.digest(public_x, public_y),
+        "init_params": checkpoint_lib.digest(
+            *jax.tree_util.tree_leaves(init_params)),
+        "config": repr(config), "steps": int(steps),
+        "sampling_rate": float(sampling_rate), "seed": int(seed),
+        **(fingerprint or {})}
   # Padded sizes: a multiple of (devices x microbatch), so that every
   # device gets a whole number of microbatches.
   pad_multiple = (1 if mesh is None else mesh.size) * (
@@ -424,17 +445,30 @@ def train_full_model(loss_fn: ExampleLoss,
   state = init_state(init_params, optimizer, seed, mesh)
   step_fn = make_train_step(config, loss_fn, optimizer, mesh)
   use_basis = config.projection_rank > 0 and len(public_y) > 0
-  basis = None
-  for t in range(steps):
-    if use_basis and t % config.refresh_every == 0:
-      basis = _basis_fn(loss_fn, config.projection_rank, mesh)(state.params,
-                                                               public)
+  refresh = lambda params: _basis_fn(loss_fn, config.projection_rank,
+                                     mesh)(params, public)
+  basis = refresh(state.params) if use_basis else None
+  start = 0
+  if checkpointer is not None:
+    put = ((lambda a: jnp.asarray(a)) if mesh is None else
+           (lambda a: parallel.replicate(a, mesh)))
+    restored = checkpointer.restore((state, basis), ledger, run_fingerprint,
+                                    put=put)
+    if restored is not None:
+      start, (state, basis) = restored.step, restored.tree
+  ledger.approve(config.noise_multiplier, sampling_rate, steps - start)
+  for t in range(start, steps):
+    if use_basis and t % config.refresh_every == 0 and t:
+      basis = refresh(state.params)
     batch = sampler.batch(t)
     x, y, mask = place_batch(private_x[batch.indices],
                              private_y[batch.indices], batch.mask, mesh)
     ledger.check_step(config.noise_multiplier, sampling_rate)
     state, metrics = step_fn(state, public, basis, x, y, mask)
     ledger.record(config.noise_multiplier, sampling_rate)
+    if checkpointer is not None:
+      checkpointer.maybe_save(t + 1, (state, basis), ledger, run_fingerprint,
+                              force=t + 1 == steps)
     if on_step is not None:
       on_step(t, metrics)
   return jax.tree_util.tree_map(np.asarray, state.params)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -26,6 +27,7 @@ from jax.flatten_util import ravel_pytree
 from adamix_jax import data as data_lib
 from adamix_jax.models import cnn
 from adamix_jax.privacy import accounting
+from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import full_model
 from adamix_jax.train import io
 from adamix_jax.train import report as report_lib
@@ -63,8 +65,13 @@ def private_optimizer(config) -> optax.GradientTransformation:
 
 
 def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
-             model, template, w0, mesh=None) -> tuple[dict, dict]:
-  """Trains one (method, epsilon, seed); returns (params, meta)."""
+             model, template, w0, mesh=None,
+             checkpoint_dir: Optional[str] = None) -> tuple[dict, dict]:
+  """Trains one (method, epsilon, seed); returns (params, meta).
+
+  A DP unit with a ``checkpoint_dir`` checkpoints there every
+  ``config.train.checkpoint_every`` steps and resumes from it.
+  """
   x_train, y_train, public_idx, private_idx = data
   loss_fn = full_model.classification_loss(model)
   if method == "public_only":
@@ -96,12 +103,25 @@ def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
         refresh_every=config.adamix.refresh_every)
     init, pub = w0, public_idx
   ledger = accounting.PrivacyLedger(float(config.delta), float(epsilon))
-  params = full_model.train_full_model(
-      loss_fn, init, x_train[private_idx], y_train[private_idx],
-      x_train[pub], y_train[pub], cfg, private_optimizer(config), steps=steps,
-      sampling_rate=train.sampling_rate, seed=seed, ledger=ledger, mesh=mesh)
+  checkpointer = resumed_from = None
+  if checkpoint_dir is not None:
+    checkpointer = checkpoint_lib.RunCheckpointer(
+        checkpoint_dir, config.train.checkpoint_every)
+    resumed_from = checkpointer.latest_step()
+  try:
+    params = full_model.train_full_model(
+        loss_fn, init, x_train[private_idx], y_train[private_idx],
+        x_train[pub], y_train[pub], cfg, private_optimizer(config),
+        steps=steps, sampling_rate=train.sampling_rate, seed=seed,
+        ledger=ledger, mesh=mesh, checkpointer=checkpointer,
+        # The optimiser is a closure: its settings are fingerprinted here.
+        fingerprint={"train": repr(sorted(config.train.to_dict().items()))})
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
   return params, {"ledger": ledger, "noise_multiplier": sigma, "steps": steps,
-                  "sampling_rate": float(train.sampling_rate)}
+                  "sampling_rate": float(train.sampling_rate),
+                  "resumed_from_step": resumed_from}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
@@ -145,8 +165,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
       result_path = os.path.join(out, "result.json")
       if not os.path.exists(result_path):
         start = time.time()
+        checkpoints = os.path.join(out, "checkpoints")
         params, meta = run_unit(config, method, epsilon, seed, data, model,
-                                template, w0, mesh)
+                                template, w0, mesh, checkpoint_dir=checkpoints)
         record = {
             "dataset": label, "method": method, "epsilon": epsilon,
             "delta": config.delta if epsilon else None, "seed": seed,
@@ -168,6 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
                     params=np.asarray(ravel_pytree(params)[0]))
         record["seconds"] = round(time.time() - start, 2)
         io.save_json(result_path, record)  # last: marks the unit done
+        shutil.rmtree(checkpoints, ignore_errors=True)
       record = io.load_json(result_path)
       record.pop("seconds", None)
       records.append(record)

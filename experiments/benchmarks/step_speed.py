@@ -13,10 +13,13 @@ For each (feature dim d, classes c, batch B), with a public set of
 * ``dp_sgd`` via ``vmap`` (explicit per-example gradients) and via the
   ``closed_form`` (norms ||x|| ||e|| and one X^T diag(s) E product);
 * ``adamix`` (public-gradient subspace of rank k, adaptive threshold, public
-  gradient mixed in) via the ``closed_form`` with the basis recomputed every
-  step and every 10 steps (10 steps including one refresh, divided by 10),
-  using the cached public Gram, the cached private-public kernel and the
-  warm-started iterative basis; ``closed_form_uncached`` is the same step
+  gradient mixed in) with the basis recomputed every step and every 10 steps
+  (10 steps including one refresh, divided by 10), using the cached public
+  Gram, the cached private-public kernel and the warm-started iterative
+  basis: ``closed_form`` is the dual form, what ``train_private_head`` runs
+  by default on one device (``representation="auto"``);
+  ``closed_form_matrix`` the same update with the (d+1) x c matrix as the
+  state (what runs data parallel); ``closed_form_uncached`` the matrix form
   without any cache and with a full ``eigh`` per refresh (the pre-speed-up
   code path); ``vmap`` when its per-example gradients fit under
   ``--vmap-limit-gib`` (B (d+1) c 4 bytes, plus B n c 4 for the projections),
@@ -281,11 +284,13 @@ def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
         runner.step(box["sub"])
       jax.block_until_ready(runner.state.matrix)
 
-    methods.append(Method("adamix", "closed_form", run, steps=refresh,
+    methods.append(Method("adamix", "closed_form_matrix", run, steps=refresh,
                           refresh_every=refresh,
-                          memory=runner.memory(box["sub"]), extra=dict(extra)))
+                          memory=runner.memory(box["sub"]),
+                          extra=dict(extra, representation="matrix")))
 
-  # The dual form: state W~_0 + a D + X~p^T S, subspace refreshed in-step.
+  # The dual form (what train_private_head runs by default on one device):
+  # state W~_0 + a D + X~p^T S, subspace refreshed in-step.
   dual_step = jax.jit(step_lib.dual_train_step, static_argnums=(0, 10),
                       donate_argnums=(1,))
   refresh_spec = step_lib.BasisRefresh(rank, spec.method, spec.iterations,
@@ -312,7 +317,7 @@ def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
     # Cost figures of the compiled step as it runs most often: with the
     # in-step refresh when it refreshes every step, without it otherwise.
     memory = _memory(dual_step, *dual_args(box, refresh == 1))
-    methods.append(Method("adamix", "closed_form_dual", run_dual,
+    methods.append(Method("adamix", "closed_form", run_dual,
                           steps=refresh, refresh_every=refresh, memory=memory,
                           extra=dict(extra, representation="dual",
                                      basis_refresh="in-step")))
@@ -374,7 +379,6 @@ def benchmark_config(dim: int, classes: int, batch: int, args) -> list[dict]:
   p = make_problem(dim, classes, batch, args.public_per_class,
                    args.private_multiple)
   n = p.public.y.shape[0]
-  grads_bytes = batch * (dim + 1) * classes * 4
   limit = args.vmap_limit_gib * GIB
   per_example_rows = batch if args.microbatch is None else min(
       batch, args.microbatch)
@@ -528,7 +532,7 @@ def acceptance(records: list[dict], dim=2048, classes=200, batch=1024) -> None:
     return
   print(f"\nAcceptance at d={dim}, c={classes}, B={batch}:")
   checks = [("dp_sgd closed_form", find("dp_sgd", "closed_form"), 1.3)]
-  for path in ("closed_form", "closed_form_dual"):
+  for path in ("closed_form", "closed_form_matrix"):
     checks += [(f"adamix {path}, refresh 1", find("adamix", path, 1), 4.0),
                (f"adamix {path}, refresh 10", find("adamix", path, 10), 2.0)]
   for name, r, bound in checks:
@@ -537,7 +541,7 @@ def acceptance(records: list[dict], dim=2048, classes=200, batch=1024) -> None:
       print(f"  {name}: {ratio:.2f}x non-private (<= {bound}x: "
             f"{'yes' if ratio <= bound else 'NO'})")
   slow = find("adamix", "vmap", 10) or find("adamix", "vmap")
-  for path in ("closed_form", "closed_form_dual"):
+  for path in ("closed_form", "closed_form_matrix"):
     fast = find("adamix", path, 10)
     if fast is None or slow is None:
       continue

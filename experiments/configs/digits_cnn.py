@@ -59,6 +59,7 @@ def get_config():
   config.train.momentum = 0.0  # plain SGD, as the linear-head runs
   config.train.clip_norm = 1.0  # dp_sgd's fixed threshold
   config.train.microbatch_size = 0  # 0: the whole (per-device) batch at once
+  config.train.checkpoint_every = 100  # steps; a rerun resumes from the last
 
   config.adamix = ml_collections.ConfigDict()
   config.adamix.projection_rank = 20  # top-k public gradient directions
