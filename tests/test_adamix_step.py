@@ -409,18 +409,24 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
   # sets. Step 0 depends on (W_0, public) only: bitwise identical. Later
   # steps depend on W_t, here a noiseless function of the private data: C_t
   # differs, so the recorded thresholds are live values (the check has teeth).
+  # Both step forms (the dual form is the default for "gradients").
   handed = []
-  real_step = private_linear._jitted_step
 
-  def spy(config, state, subspace, public, *args, **kwargs):
-    handed.append((_leaves(subspace), _leaves(public)))
-    return real_step(config, state, subspace, public, *args, **kwargs)
+  def spy_on(real_step):
+    def spy(config, state, subspace, public, *args, **kwargs):
+      handed.append((_leaves(subspace), _leaves(public)))
+      return real_step(config, state, subspace, public, *args, **kwargs)
+    return spy
 
-  monkeypatch.setattr(private_linear, "_jitted_step", spy)
+  for name in ("_jitted_step", "_jitted_dual_step"):
+    monkeypatch.setattr(private_linear, name,
+                        spy_on(getattr(private_linear, name)))
   step_cfg = step_lib.StepConfig(noise_multiplier=0.0, expected_batch_size=5.0,
                                  learning_rate=1.0, adaptive_threshold=True,
                                  threshold_quantile=0.5)
-  for kind in ("features", "gradients"):
+  for kind, representation in (("features", "matrix"),
+                               ("gradients", "matrix"),
+                               ("gradients", "dual")):
     spec = private_linear.SubspaceSpec(kind, RANKS[kind], refresh_every=1)
     thresholds, inputs = [], []
     for private_x, private_y in private_sets:
@@ -430,7 +436,8 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
           private_x, private_y, public_x, public_y, anchor, step_cfg, steps=3,
           sampling_rate=1.0, seed=0,
           ledger=accounting.PrivacyLedger(delta=1e-5), subspace=spec,
-          on_step=lambda t, m: run.append(np.asarray(m.threshold)))
+          on_step=lambda t, m: run.append(np.asarray(m.threshold)),
+          representation=representation)
       assert len(run) == len(handed) == 3
       thresholds.append(run)
       inputs.append(list(handed))

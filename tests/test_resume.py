@@ -208,7 +208,7 @@ def test_resume_on_a_mesh_matches_one_device(tmp_path, meshes):
                                atol=1e-5)
 
 
-def test_resume_ignores_an_uncommitted_checkpoint(tmp_path):
+def test_resume_bad_input_partial_checkpoint_is_ignored(tmp_path):
   problem = _problem()
   directory = str(tmp_path / "ckpt")
   with pytest.raises(_Crash):
