@@ -14,6 +14,7 @@ space of any classifier.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -41,6 +42,28 @@ class TextEncoder(Protocol):
     ...
 
 
+# Dataset bookkeeping in class names that CLIP would read as words: WordNet
+# ids (Stanford Dogs: "n02085620-Chihuahua"), index prefixes (Caltech-256,
+# CUB: "001.ak47") and Caltech-256's "-101" suffix ("145.motorbikes-101").
+_WORDNET_ID = re.compile(r"^n\d{8}[-_]")
+_INDEX_PREFIX = re.compile(r"^\d+\.")
+_CALTECH_101_SUFFIX = re.compile(r"-101$")
+
+
+def prompt_name(class_name: str) -> str:
+  """The words of a class name as a prompt should say them.
+
+  ``"n02085782-Japanese_spaniel"`` -> ``"Japanese spaniel"``,
+  ``"001.ak47"`` -> ``"ak47"``, ``"aquarium_fish"`` -> ``"aquarium fish"``.
+  A name that would become empty is kept as it was.
+  """
+  name = str(class_name).strip()
+  for pattern in (_WORDNET_ID, _INDEX_PREFIX, _CALTECH_101_SUFFIX):
+    name = pattern.sub("", name)
+  name = " ".join(name.replace("_", " ").split())
+  return name or str(class_name)
+
+
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -50,8 +73,10 @@ def zero_shot_head(clip_backbone: TextEncoder, class_names: Sequence[str],
                    logit_scale: float | None = None) -> dict[str, np.ndarray]:
   """Builds CLIP's zero-shot classifier as linear-head parameters.
 
-  For each class the templates are filled with the class name (underscores
-  read as spaces, e.g. ``aquarium_fish``), embedded and L2-normalised by the
+  For each class the templates are filled with the class name as
+  ``prompt_name`` reads it (underscores as spaces, dataset ids and index
+  prefixes dropped: ``n02085620-Chihuahua`` is prompted as "Chihuahua"),
+  embedded and L2-normalised by the
   text tower, averaged, and re-normalised; the unit vectors become the columns
   of the kernel, scaled by ``logit_scale``.
 
@@ -79,7 +104,7 @@ def zero_shot_head(clip_backbone: TextEncoder, class_names: Sequence[str],
     if template.count("{}") != 1:
       raise ValueError(f"Each template needs exactly one '{{}}' placeholder, "
                        f"got {template!r}.")
-  readable = [str(name).replace("_", " ") for name in class_names]
+  readable = [prompt_name(name) for name in class_names]
   prompts = [template.format(name) for name in readable for template in templates]
   embeddings = np.asarray(clip_backbone.text_embeddings(prompts), np.float64)
   embeddings = _normalize_rows(embeddings)  # In case an encoder does not.
