@@ -191,6 +191,11 @@ def test_resume_continues_the_checkpoint_ledger_and_run(tmp_path,
   for name in ("kernel", "bias"):
     np.testing.assert_allclose(params[name], reference[name], rtol=0,
                                atol=1e-6)
+  # A crash after the last step, before the outputs were written: the rerun
+  # restores the final checkpoint and takes no step.
+  again, ledger = _train(problem, directory, representation=representation)
+  assert ledger.total_steps == 40
+  np.testing.assert_array_equal(again["kernel"], params["kernel"])
 
 
 def test_resume_on_a_mesh_matches_one_device(tmp_path, meshes):
