@@ -183,16 +183,17 @@ def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def sharded_step_fn(mesh: Mesh, config: step_lib.StepConfig) -> Callable:
-  """``step.train_step`` jitted for ``mesh`` (cached per (mesh, config)).
+  """``private_linear.scheduled_train_step`` jitted for ``mesh`` (cached per
+  (mesh, config)).
 
   Signature: (state, subspace, public, private_x_aug, private_y, indices,
-  mask, average_from, lr_scale, private_kernel) -> (state, metrics).
+  mask, average_from, lr_schedule, private_kernel) -> (state, metrics).
   ``indices`` and ``mask`` are sharded on ``data``, everything else
   replicated (``private_kernel`` may be None); the state is donated.
   """
   repl, data = replicated_sharding(mesh), data_sharding(mesh)
   return jax.jit(
-      functools.partial(step_lib.train_step, config),
+      functools.partial(private_linear.scheduled_train_step, config),
       in_shardings=(repl, repl, repl, repl, repl, data, data, repl, repl,
                     repl),
       out_shardings=(repl, repl),

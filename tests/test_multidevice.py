@@ -68,7 +68,7 @@ def _linear_step(mesh, config, spec, x, y, xp, yp, w0, indices, mask):
   new, metrics = parallel.sharded_step_fn(mesh, config)(
       state, sub, public, private[0], private[1], idx, m,
       parallel.replicate(np.int32(0), mesh),
-      parallel.replicate(np.float32(1.0), mesh), None)
+      parallel.replicate(np.ones(1, np.float32), mesh), None)
   return np.asarray(new.matrix), metrics
 
 

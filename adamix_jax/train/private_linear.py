@@ -63,12 +63,22 @@ class SubspaceSpec:
       raise ValueError("iterations and oversample must be >= 0.")
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _jitted_step(config, state, subspace, public, private_x_aug, private_y,
-                 indices, mask, average_from, lr_scale, private_kernel=None):
+def scheduled_train_step(config, state, subspace, public, private_x_aug,
+                         private_y, indices, mask, average_from, lr_schedule,
+                         private_kernel=None):
+  """``step.train_step`` with its lr multiplier read on device.
+
+  ``lr_schedule``: (T,) multipliers of the run, placed on the device once;
+  the step reads entry ``state.step`` (so a step ships no scalar, and a
+  resumed state reads the right entry).
+  """
   return step_lib.train_step(config, state, subspace, public, private_x_aug,
-                             private_y, indices, mask, average_from, lr_scale,
-                             private_kernel)
+                             private_y, indices, mask, average_from,
+                             lr_schedule[state.step], private_kernel)
+
+
+_jitted_step = jax.jit(scheduled_train_step, static_argnums=(0,),
+                       donate_argnums=(1,))
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -119,10 +129,10 @@ _jitted_build = jax.jit(build_subspace, static_argnums=(0,))
 
 @functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=(1,))
 def _jitted_dual_step(config, state, subspace, public, cache, private_y,
-                      indices, mask, average_from, lr_scale, refresh):
+                      indices, mask, average_from, lr_schedule, refresh):
   return step_lib.dual_train_step(config, state, subspace, public, cache,
                                   private_y, indices, mask, average_from,
-                                  lr_scale, refresh)
+                                  lr_schedule[state.step], refresh)
 
 
 REPRESENTATIONS = ("matrix", "dual")
@@ -289,7 +299,9 @@ def train_private_head(private_x: np.ndarray,
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model.
   """
-  learning_rate_scale(lr_schedule, 0, steps)  # validates the name early
+  lr_scales = np.array(  # (validates the schedule's name early, too)
+      [learning_rate_scale(lr_schedule, t, steps) for t in range(steps)],
+      np.float32)
   if not 0.0 <= average_tail < 1.0:
     raise ValueError(f"average_tail must be in [0, 1), got {average_tail}.")
   placement = SingleDevice() if placement is None else placement
@@ -320,6 +332,7 @@ def train_private_head(private_x: np.ndarray,
                                  subspace.kind == "gradients")
   average_from = placement.replicate(
       np.int32(int(round(steps * (1.0 - average_tail)))))
+  schedule = placement.replicate(lr_scales)
   basis = None if fallback_basis is None else placement.replicate(
       np.asarray(fallback_basis, np.float32))
   build = placement.build_subspace(subspace)
@@ -331,11 +344,11 @@ def train_private_head(private_x: np.ndarray,
     refresh = step_lib.BasisRefresh(subspace.rank, subspace.method,
                                     subspace.iterations, subspace.oversample)
 
-    def advance(t, state, current, batch, lr_scale):
+    def advance(t, state, current, batch):
       return _jitted_dual_step(
           config, state, current, public, cache, private_y_dev,
           jnp.asarray(batch.indices), jnp.asarray(batch.mask), average_from,
-          lr_scale, refresh if t % subspace.refresh_every == 0 and t else None)
+          schedule, refresh if t % subspace.refresh_every == 0 and t else None)
 
     def final_matrix(state):
       return step_lib.dual_matrix(state, cache, public,
@@ -349,14 +362,14 @@ def train_private_head(private_x: np.ndarray,
       kernel = placement.private_kernel(private_x_aug, public.x_aug)
     step_fn = placement.step(config)
 
-    def advance(t, state, current, batch, lr_scale):
+    def advance(t, state, current, batch):
       if subspace.kind == "gradients" and t % subspace.refresh_every == 0 and t:
         current = build(state.matrix, public, basis, current)
       indices, mask = placement.shard_batch(
           (batch.indices.astype(np.int32), batch.mask))
       state, metrics = step_fn(state, current, public, private_x_aug,
                                private_y_dev, indices, mask, average_from,
-                               lr_scale, kernel)
+                               schedule, kernel)
       return state, metrics, current
 
     def final_matrix(state):
@@ -372,10 +385,7 @@ def train_private_head(private_x: np.ndarray,
   ledger.approve(sigma, q, steps - start)
   for t in range(start, steps):
     ledger.check_step(sigma, q)
-    lr_scale = placement.replicate(
-        np.float32(learning_rate_scale(lr_schedule, t, steps)))
-    state, metrics, current = advance(t, state, current, sampler.batch(t),
-                                      lr_scale)
+    state, metrics, current = advance(t, state, current, sampler.batch(t))
     ledger.record(sigma, q)
     if checkpointer is not None:
       checkpointer.maybe_save(t + 1, (state, current), ledger, fingerprint,
