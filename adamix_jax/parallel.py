@@ -72,6 +72,17 @@ def initialize_multihost(**kwargs: Any) -> None:
               jax.local_device_count(), jax.device_count())
 
 
+def launch_mesh(data_parallel: bool, multihost: bool) -> Optional[Mesh]:
+  """What an entry point's ``--data_parallel`` / ``--multihost`` ask for.
+
+  Multi-host initialises ``jax.distributed`` first and implies data
+  parallelism; None means one device.
+  """
+  if multihost:
+    initialize_multihost()
+  return make_data_mesh() if data_parallel or multihost else None
+
+
 # --- mesh and placement ------------------------------------------------------
 
 

@@ -51,11 +51,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   from adamix_jax import parallel  # after flags: faster --help
   from adamix_jax.train import report, stages
-  if _MULTIHOST.value:
-    parallel.initialize_multihost()
-  mesh = None
-  if _DATA_PARALLEL.value or _MULTIHOST.value:
-    mesh = parallel.make_data_mesh()
+  mesh = parallel.launch_mesh(_DATA_PARALLEL.value, _MULTIHOST.value)
   command = "python -m launch.main " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   records = stages.run(flags.FLAGS.config, _WORKDIR.value, _STAGES.value,

@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
@@ -34,13 +35,10 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # e.g. orbax's INFO lines
   from adamix_jax import parallel  # after flags: faster --help
   from adamix_jax.train import full_model_experiment, report
-  if _MULTIHOST.value:
-    parallel.initialize_multihost()
-  mesh = None
-  if _DATA_PARALLEL.value or _MULTIHOST.value:
-    mesh = parallel.make_data_mesh()
+  mesh = parallel.launch_mesh(_DATA_PARALLEL.value, _MULTIHOST.value)
   command = "python -m launch.train_full_model " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   records = full_model_experiment.run(flags.FLAGS.config, _WORKDIR.value,

@@ -158,8 +158,7 @@ def _train(problem, directory, *, crash_at=None, representation="matrix",
     if t == crash_at:
       raise _Crash()
 
-  checkpointer = checkpoint_lib.RunCheckpointer(directory, every_steps=7)
-  try:
+  with checkpoint_lib.RunCheckpointer(directory, every_steps=7) as ckpt:
     params = private_linear.train_private_head(
         x, y, px, py, anchor, config, steps=steps, sampling_rate=0.25, seed=3,
         ledger=ledger,
@@ -167,9 +166,7 @@ def _train(problem, directory, *, crash_at=None, representation="matrix",
                                              method="iterative"),
         lr_schedule="cosine", on_step=on_step,
         representation=representation, placement=placement,
-        checkpointer=checkpointer)
-  finally:
-    checkpointer.close()
+        checkpointer=ckpt)
   return params, ledger
 
 
@@ -222,9 +219,8 @@ def test_resume_bad_input_partial_checkpoint_is_ignored(tmp_path):
   # temporary directory, never renamed to "21".
   shutil.copytree(os.path.join(directory, "14"),
                   os.path.join(directory, "21.orbax-checkpoint-tmp-1700000000"))
-  checkpointer = checkpoint_lib.RunCheckpointer(directory, every_steps=7)
-  assert checkpointer.latest_step() == 14
-  checkpointer.close()
+  with checkpoint_lib.RunCheckpointer(directory, every_steps=7) as ckpt:
+    assert ckpt.latest_step() == 14
   reference, _ = _train(problem, str(tmp_path / "ref"))
   params, ledger = _train(problem, directory)
   assert ledger.total_steps == 40
@@ -309,14 +305,11 @@ def test_resume_full_model_with_momentum_and_projection(tmp_path):
       if t == crash_at:
         raise _Crash()
 
-    checkpointer = checkpoint_lib.RunCheckpointer(directory, every_steps=4)
-    try:
+    with checkpoint_lib.RunCheckpointer(directory, every_steps=4) as ckpt:
       out = full_model.train_full_model(
           loss_fn, params, x[100:400], y[100:400], x[:20], y[:20], config,
           optax.sgd(0.5, momentum=0.9), steps=10, sampling_rate=0.1, seed=0,
-          ledger=ledger, on_step=on_step, checkpointer=checkpointer)
-    finally:
-      checkpointer.close()
+          ledger=ledger, on_step=on_step, checkpointer=ckpt)
     return out, ledger
 
   reference, _ = train(str(tmp_path / "ref"))

@@ -85,26 +85,32 @@ class StepConfig:
   microbatch_size: Optional[int] = None
 
   def __post_init__(self):
-    if self.noise_multiplier < 0:
-      raise ValueError(f"noise_multiplier must be >= 0, got "
-                       f"{self.noise_multiplier}.")
-    if self.expected_batch_size <= 0:
-      raise ValueError("expected_batch_size (q*N) must be > 0.")
-    if self.clip_norm <= 0:
-      raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}.")
-    if not 0.0 <= self.threshold_quantile <= 1.0:
-      raise ValueError(f"threshold_quantile must be in [0, 1], got "
-                       f"{self.threshold_quantile}.")
-    if not 0.0 <= self.public_weight <= 1.0:
-      raise ValueError(f"public_weight must be in [0, 1], got "
-                       f"{self.public_weight}.")
+    check_private_step_settings(self)
     if self.pull < 0:
       raise ValueError(f"pull must be >= 0, got {self.pull}.")
     if self.path not in PATHS:
       raise ValueError(f"path must be one of {PATHS}, got {self.path!r}.")
-    if self.microbatch_size is not None and self.microbatch_size <= 0:
-      raise ValueError(f"microbatch_size must be > 0 or None, got "
-                       f"{self.microbatch_size}.")
+
+
+def check_private_step_settings(config) -> None:
+  """The settings every private step config shares (this module's
+  StepConfig, ``train.full_model.FullModelConfig``): clear errors."""
+  if not config.noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got "
+                     f"{config.noise_multiplier}.")
+  if not config.expected_batch_size > 0:
+    raise ValueError("expected_batch_size (q*N) must be > 0.")
+  if not config.clip_norm > 0:
+    raise ValueError(f"clip_norm must be > 0, got {config.clip_norm}.")
+  if not 0.0 <= config.threshold_quantile <= 1.0:
+    raise ValueError(f"threshold_quantile must be in [0, 1], got "
+                     f"{config.threshold_quantile}.")
+  if not 0.0 <= config.public_weight <= 1.0:
+    raise ValueError(f"public_weight must be in [0, 1], got "
+                     f"{config.public_weight}.")
+  if config.microbatch_size is not None and config.microbatch_size <= 0:
+    raise ValueError(f"microbatch_size must be > 0 or None, got "
+                     f"{config.microbatch_size}.")
 
 
 @flax.struct.dataclass
@@ -284,6 +290,16 @@ def noisy_coefficient_sum(config: StepConfig, subspace: subspace_lib.Subspace,
   return noisy, stats
 
 
+def _step_sizes(config: StepConfig, lr_scale,
+                threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(learning rate, step size of the gradient): lr / C_t when normalised,
+  so that a shrinking threshold does not shrink the step."""
+  learning_rate = config.learning_rate * lr_scale
+  if config.normalize_by_threshold:
+    return learning_rate, learning_rate / threshold
+  return learning_rate, learning_rate
+
+
 def train_step(config: StepConfig, state: TrainState,
                subspace: subspace_lib.Subspace, public: PublicData,
                private_x_aug: jax.Array, private_y: jax.Array,
@@ -328,10 +344,7 @@ def train_step(config: StepConfig, state: TrainState,
     if config.public_weight > 0:
       direction += config.public_weight * public_gradient(
           state.matrix, public, e_public)
-  learning_rate = config.learning_rate * lr_scale
-  step_size = learning_rate
-  if config.normalize_by_threshold:
-    step_size = step_size / threshold
+  learning_rate, step_size = _step_sizes(config, lr_scale, threshold)
   matrix = state.matrix - step_size * direction
   if config.pull > 0:
     matrix -= learning_rate * config.pull * (state.matrix - state.anchor)
@@ -506,10 +519,7 @@ def dual_train_step(config: StepConfig, state: DualState,
   factor = private_scale * subspace_lib.map_back_weights(subspace, noisy)
   if config.public_weight > 0:
     factor += (config.public_weight / num_public) * e_public
-  learning_rate = config.learning_rate * lr_scale
-  step_size = learning_rate
-  if config.normalize_by_threshold:
-    step_size = step_size / threshold
+  learning_rate, step_size = _step_sizes(config, lr_scale, threshold)
   shrink = 1.0 - learning_rate * config.pull
   coef = shrink * state.coef - step_size * factor
   decay = shrink * state.decay

@@ -24,12 +24,13 @@ does not match the run refuses to load.
 
 Example::
 
-  checkpointer = RunCheckpointer(workdir + "/checkpoints", every_steps=100)
-  params = private_linear.train_private_head(..., checkpointer=checkpointer)
+  with RunCheckpointer(workdir + "/checkpoints", every_steps=100) as ckpt:
+    params = private_linear.train_private_head(..., checkpointer=ckpt)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -188,3 +189,17 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+  def __enter__(self) -> "RunCheckpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def checkpointer_or_none(directory: Optional[str], every_steps: int):
+  """A context giving a RunCheckpointer on ``directory`` (None: no
+  checkpointing, the context gives None); closed on exit."""
+  if directory is None:
+    return contextlib.nullcontext()
+  return RunCheckpointer(directory, every_steps)

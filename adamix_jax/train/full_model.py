@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from adamix_jax import parallel
 from adamix_jax import privacy
+from adamix_jax.adamix import step as step_lib
 from adamix_jax.privacy import clipping
 from adamix_jax.train import checkpoint as checkpoint_lib
 
@@ -97,23 +98,11 @@ class FullModelConfig:
   microbatch_size: Optional[int] = None
 
   def __post_init__(self):
-    if not self.noise_multiplier >= 0:
-      raise ValueError(f"noise_multiplier must be >= 0, got "
-                       f"{self.noise_multiplier}.")
-    if not self.expected_batch_size > 0:
-      raise ValueError("expected_batch_size (q*N) must be > 0.")
-    if not self.clip_norm > 0:
-      raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}.")
-    if not 0.0 <= self.threshold_quantile <= 1.0:
-      raise ValueError("threshold_quantile must be in [0, 1].")
+    step_lib.check_private_step_settings(self)
     if self.projection_rank < 0:
       raise ValueError("projection_rank must be >= 0 (0: no projection).")
     if self.refresh_every <= 0:
       raise ValueError("refresh_every must be > 0.")
-    if not 0.0 <= self.public_weight <= 1.0:
-      raise ValueError("public_weight must be in [0, 1].")
-    if self.microbatch_size is not None and self.microbatch_size <= 0:
-      raise ValueError("microbatch_size must be > 0 or None.")
 
 
 @flax.struct.dataclass

@@ -103,12 +103,9 @@ def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
         refresh_every=config.adamix.refresh_every)
     init, pub = w0, public_idx
   ledger = accounting.PrivacyLedger(float(config.delta), float(epsilon))
-  checkpointer = resumed_from = None
-  if checkpoint_dir is not None:
-    checkpointer = checkpoint_lib.RunCheckpointer(
-        checkpoint_dir, config.train.checkpoint_every)
-    resumed_from = checkpointer.latest_step()
-  try:
+  with checkpoint_lib.checkpointer_or_none(
+      checkpoint_dir, config.train.checkpoint_every) as checkpointer:
+    resumed_from = checkpointer.latest_step() if checkpointer else None
     params = full_model.train_full_model(
         loss_fn, init, x_train[private_idx], y_train[private_idx],
         x_train[pub], y_train[pub], cfg, private_optimizer(config),
@@ -116,9 +113,6 @@ def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
         ledger=ledger, mesh=mesh, checkpointer=checkpointer,
         # The optimiser is a closure: its settings are fingerprinted here.
         fingerprint={"train": repr(sorted(config.train.to_dict().items()))})
-  finally:
-    if checkpointer is not None:
-      checkpointer.close()
   return params, {"ledger": ledger, "noise_multiplier": sigma, "steps": steps,
                   "sampling_rate": float(train.sampling_rate),
                   "resumed_from_step": resumed_from}

@@ -473,12 +473,9 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
     from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
     train_head = functools.partial(parallel.train_private_head_sharded,
                                    mesh=mesh)
-  checkpointer = resumed_from = None
-  if checkpoint_dir is not None:
-    checkpointer = checkpoint_lib.RunCheckpointer(checkpoint_dir,
-                                                  train.checkpoint_every)
-    resumed_from = checkpointer.latest_step()
-  try:
+  with checkpoint_lib.checkpointer_or_none(
+      checkpoint_dir, train.checkpoint_every) as checkpointer:
+    resumed_from = checkpointer.latest_step() if checkpointer else None
     params = train_head(
         seed_data.private_x, seed_data.private_y, inputs.public_x,
         inputs.public_y, inputs.anchor, cfg, steps=steps,
@@ -486,9 +483,6 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
         subspace=inputs.subspace, average_tail=train.average_tail,
         lr_schedule=train.lr_schedule, fallback_basis=inputs.fallback_basis,
         checkpointer=checkpointer)
-  finally:
-    if checkpointer is not None:
-      checkpointer.close()
   meta = {"method": method, "epsilon": float(epsilon), "seed": seed,
           "resumed_from_step": resumed_from,
           "noise_multiplier": sigma, "steps": steps,
