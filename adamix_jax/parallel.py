@@ -21,7 +21,8 @@ Layout of the linear-head step (``train_private_head_sharded``):
 
 Every global array is built with ``jax.make_array_from_callback`` from a
 host value that every process holds (the sampler is deterministic in
-(seed, step)), so the same code runs on one host or on a multi-host pod
+(secret coins, step), and the coins are broadcast from process 0 first:
+``share_coins``), so the same code runs on one host or on a multi-host pod
 after ``initialize_multihost()``.
 
 Example::
@@ -29,7 +30,7 @@ Example::
   mesh = parallel.make_data_mesh()             # all devices on one axis
   params = parallel.train_private_head_sharded(
       x_priv, y_priv, x_pub, y_pub, w0, step_config, steps=100,
-      sampling_rate=0.1, seed=0, ledger=ledger, mesh=mesh)
+      sampling_rate=0.1, ledger=ledger, mesh=mesh)   # fresh secret coins
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adamix_jax.adamix import step as step_lib
+from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
 from adamix_jax.train import private_linear
 
@@ -180,13 +182,33 @@ def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 @functools.lru_cache(maxsize=None)
-def _key_fn(mesh: Mesh):
-  return jax.jit(jax.random.key, out_shardings=replicated_sharding(mesh))
+def _wrap_key_fn(mesh: Mesh, impl):
+  return jax.jit(lambda data: jax.random.wrap_key_data(data, impl=impl),
+                 out_shardings=replicated_sharding(mesh))
 
 
-def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
-  """``jax.random.key(seed)``, replicated on the mesh (same on every host)."""
-  return _key_fn(mesh)(replicate(np.uint32(seed), mesh))
+def share_coins(coins: randomness.MechanismCoins) -> randomness.MechanismCoins:
+  """Process 0's coins on every process (a no-op on one process).
+
+  Each host draws its own OS entropy; on a pod they must agree on ONE set of
+  coins, or each host would sample other batches and add other noise.
+  """
+  if jax.process_count() == 1:
+    return coins
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  words = multihost_utils.broadcast_one_to_all(coins.to_array())
+  return randomness.MechanismCoins.from_array(np.asarray(words))
+
+
+def replicated_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+  """A PRNG key replicated on the mesh (the same key on every device).
+
+  Every process must pass the same key: on a pod, broadcast the coins from
+  process 0 first (``privacy.randomness``); a key drawn independently on
+  each host would give each host different noise.
+  """
+  data = replicate(np.asarray(jax.random.key_data(key)), mesh)
+  return _wrap_key_fn(mesh, jax.random.key_impl(key))(data)
 
 
 # --- the sharded linear-head loop --------------------------------------------
@@ -213,17 +235,16 @@ def sharded_step_fn(mesh: Mesh, config: step_lib.StepConfig) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _init_state_fn(mesh: Mesh):
-  def init(anchor_params, seed):
-    return step_lib.init_state(anchor_params, jax.random.key(seed))
-  return jax.jit(init, out_shardings=replicated_sharding(mesh))
+  return jax.jit(step_lib.init_state, out_shardings=replicated_sharding(mesh))
 
 
-def init_state(anchor_params: dict, seed: int, mesh: Mesh
+def init_state(anchor_params: dict, key: jax.Array, mesh: Mesh
                ) -> step_lib.TrainState:
-  """``step.init_state(anchor, jax.random.key(seed))``, replicated on mesh."""
+  """``step.init_state(anchor, key)``, replicated on mesh (``key``: already
+  replicated, see ``replicated_key``)."""
   anchor = replicate({k: np.asarray(v, np.float32)
                       for k, v in anchor_params.items()}, mesh)
-  return _init_state_fn(mesh)(anchor, replicate(np.uint32(seed), mesh))
+  return _init_state_fn(mesh)(anchor, key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,8 +280,14 @@ class MeshPlacement(private_linear.SingleDevice):
   def shard_batch(self, tree):
     return shard_batch(tree, self.mesh)
 
-  def init_state(self, anchor_params, seed):
-    return init_state(anchor_params, seed, self.mesh)
+  def replicate_key(self, key):
+    return replicated_key(key, self.mesh)
+
+  def share_coins(self, coins):
+    return share_coins(coins)
+
+  def init_state(self, anchor_params, key):
+    return init_state(anchor_params, key, self.mesh)
 
   def public_data(self, x_aug, y, cache_gram):
     return _public_data_fn(self.mesh, cache_gram)(x_aug, y)
@@ -281,7 +308,7 @@ def train_private_head_sharded(*args, mesh: Optional[Mesh] = None,
   """``private_linear.train_private_head``, data parallel over ``mesh``.
 
   Same arguments, same result (up to float summation order) for the same
-  seed: the sampler draws the same indices (only the padding differs: the
+  coins: the sampler draws the same indices (only the padding differs: the
   padded size is a multiple of ``mesh.size``), the noise comes from the
   same replicated key, and the subspace is refreshed the same way.
   ``mesh`` defaults to all devices. ``representation="dual"`` is not data

@@ -33,6 +33,7 @@ from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.train import private_linear
 from adamix_jax.train import stages
+from adamix_jax.privacy.randomness import MechanismCoins
 from experiments.configs import base
 
 DIM, CLASSES = 5, 4  # d, c: (d+1)*c = 24 parameters
@@ -434,7 +435,7 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
       run = []
       private_linear.train_private_head(
           private_x, private_y, public_x, public_y, anchor, step_cfg, steps=3,
-          sampling_rate=1.0, seed=0,
+          sampling_rate=1.0, coins=MechanismCoins.insecure_from_seed(0),
           ledger=accounting.PrivacyLedger(delta=1e-5), subspace=spec,
           on_step=lambda t, m: run.append(np.asarray(m.threshold)),
           representation=representation)
@@ -560,6 +561,8 @@ def _small_config() -> ml_collections.ConfigDict:
   config.train.epochs = 2
   config.train.sampling_rate = 1.0  # T = 2 full-batch steps: cheap to account
   config.progress = False
+  # The runs below are compared with each other: the same coins for each.
+  config.insecure_reproducible_noise = True
   return config
 
 
@@ -611,7 +614,8 @@ def _ledger_run(ledger, steps, calls, sigma=1.0, rate=0.5):
       rng.normal(size=(16, DIM)).astype(np.float32),
       rng.integers(0, CLASSES, 16), np.zeros((0, DIM), np.float32),
       np.zeros((0,), np.int64), linear.zeros(DIM, CLASSES), cfg, steps=steps,
-      sampling_rate=rate, seed=0, ledger=ledger,
+      sampling_rate=rate, ledger=ledger,
+      coins=MechanismCoins.insecure_from_seed(0),
       on_step=lambda t, m: calls.append(t))
 
 

@@ -32,6 +32,7 @@ from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.train import full_model
 from adamix_jax.train import private_linear
+from adamix_jax.privacy.randomness import MechanismCoins
 from multidevice_helpers import assert_noise_std as _assert_noise_std
 from multidevice_helpers import flat as _flat
 
@@ -57,7 +58,8 @@ def _linear_problem(seed=0, n=300, d=16, c=4, n_pub=20):
 
 def _linear_step(mesh, config, spec, x, y, xp, yp, w0, indices, mask):
   """One sharded step from the anchor; returns W~_1 as numpy."""
-  state = parallel.init_state(w0, 3, mesh)
+  state = parallel.init_state(
+      w0, parallel.replicated_key(jax.random.key(3), mesh), mesh)
   public = parallel._public_data_fn(mesh, spec.kind == "gradients")(
       *parallel.replicate((np.asarray(linear.augment(jnp.asarray(xp))),
                            yp.astype(np.int32)), mesh))
@@ -106,7 +108,8 @@ def test_multidevice_train_private_head_sharded_matches_single_device(
   config = step_lib.StepConfig(noise_multiplier=SIGMA,
                                expected_batch_size=0.3 * 203,
                                learning_rate=1.0, adaptive_threshold=True)
-  kwargs = dict(steps=6, sampling_rate=0.3, seed=5, average_tail=0.5,
+  kwargs = dict(steps=6, sampling_rate=0.3, average_tail=0.5,
+                coins=MechanismCoins.insecure_from_seed(5),
                 lr_schedule="cosine",
                 subspace=private_linear.SubspaceSpec("gradients", 5, 2,
                                                      method=method),
@@ -155,7 +158,7 @@ TINY_CNN = cnn.SmallCNN(channels=(4, 8), hidden=16)
 
 def _cnn_step(mesh, config, optimizer, params, public, batch, rank):
   loss_fn = full_model.classification_loss(TINY_CNN)
-  state = full_model.init_state(params, optimizer, 7, mesh)
+  state = full_model.init_state(params, optimizer, jax.random.key(7), mesh)
   public = full_model.place_public(*public, mesh)
   basis = None
   if rank:

@@ -26,6 +26,7 @@ from adamix_jax import parallel
 from adamix_jax.models import cnn
 from adamix_jax.privacy import accounting
 from adamix_jax.train import full_model
+from adamix_jax.privacy.randomness import MechanismCoins
 from multidevice_helpers import assert_noise_std as _assert_noise_std
 from multidevice_helpers import flat as _flat
 
@@ -58,7 +59,8 @@ def test_multidevice_full_model_noise_std_is_sigma_c(meshes):
                                       expected_batch_size=1.0, clip_norm=CLIP)
   loss_fn = full_model.classification_loss(model)
   optimizer = optax.sgd(1.0)
-  state = full_model.init_state(params, optimizer, 11, eight)
+  state = full_model.init_state(params, optimizer, jax.random.key(11),
+                                 eight)
   new, metrics = full_model.make_train_step(config, loss_fn, optimizer, eight)(
       state, full_model.place_public(x[:0], y[:0], eight), None,
       *full_model.place_batch(x[:64], y[:64], np.zeros(64), eight))
@@ -85,7 +87,8 @@ def test_multidevice_cnn_digits_dp_sgd_sensitivity_and_ledger(meshes):
   seen = []
   trained = full_model.train_full_model(
       loss_fn, params, private_x, private_y, x[:0], y[:0], config,
-      optax.sgd(0.5), steps=steps, sampling_rate=q, seed=0, ledger=ledger,
+      optax.sgd(0.5), steps=steps, sampling_rate=q, ledger=ledger,
+      coins=MechanismCoins.insecure_from_seed(0),
       mesh=eight, on_step=lambda t, m: seen.append(int(m.batch_size)))
   # Invariant 5: the ledger holds exactly the steps that ran, within budget.
   assert ledger.total_steps == steps == len(seen)

@@ -1,11 +1,13 @@
 """Checkpoint/resume of the private stage, and the budget guard across it.
 
-Guarantees checked (DESIGN.md invariant 5: the ledger survives checkpoints
-and resumes; a run refuses to start a step that would exceed the target):
+Guarantees checked (docs/design.md invariant 5: the ledger survives
+checkpoints and resumes; a run refuses to start a step that would exceed the
+target; invariant 6: the coins are secret and live in the checkpoint):
 
 * a digits run killed by SIGKILL in the middle of its private stage resumes
-  from its last checkpoint and ends with the same parameters (1e-6) and the
-  same epsilon_spent as a run that was never interrupted;
+  from its last checkpoint, with the secret coins stored there, and ends
+  with the same parameters (1e-6) and the same epsilon_spent as a run that
+  was never interrupted (given the same coins);
 * a resumed run continues the checkpoint's ledger (never a fresh one), in
   the matrix and the dual form and on a mesh;
 * a checkpoint is complete or ignored (an uncommitted orbax directory is
@@ -29,6 +31,7 @@ import pytest
 
 from adamix_jax.adamix import step as step_lib
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import io
 from adamix_jax.train import private_linear
@@ -72,8 +75,11 @@ def _committed_steps(directory: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def test_resume_after_sigkill_mid_private_stage_matches_uninterrupted_run(
-    tmp_path):
+def test_secret_randomness_sigkill_resume_matches_uninterrupted_run(
+    tmp_path, monkeypatch):
+  """Killed mid-stage, the run resumes with the secret coins of its
+  checkpoint: it ends where an uninterrupted run WITH THOSE COINS ends (a
+  resume that drew fresh coins, or derived them from the seed, would not)."""
   config = _config()
   steps = stages.num_steps(config)
   killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
@@ -107,8 +113,14 @@ def test_resume_after_sigkill_mid_private_stage_matches_uninterrupted_run(
   assert not os.path.exists(os.path.join(run_dir, "ledger.json"))
   last = max(_committed_steps(checkpoints))
   assert 100 <= last < steps
+  with checkpoint_lib.RunCheckpointer(checkpoints, every_steps=25) as ckpt:
+    coins = ckpt.saved_coins()
+  assert coins is not None and not coins.insecure  # OS entropy, not the seed
 
   stages.run(config, killed, stages=["private", "accounting"])
+  # The uninterrupted reference run gets the same (secret) coins.
+  monkeypatch.setattr(randomness.MechanismCoins, "fresh",
+                      classmethod(lambda cls: coins))
   stages.run(config, clean, stages=["features", "public_init", "private",
                                     "accounting"])
   resumed_meta = io.load_json(os.path.join(run_dir, "meta.json"))
@@ -160,7 +172,8 @@ def _train(problem, directory, *, crash_at=None, representation="matrix",
 
   with checkpoint_lib.RunCheckpointer(directory, every_steps=7) as ckpt:
     params = private_linear.train_private_head(
-        x, y, px, py, anchor, config, steps=steps, sampling_rate=0.25, seed=3,
+        x, y, px, py, anchor, config, steps=steps, sampling_rate=0.25,
+        coins=randomness.MechanismCoins.insecure_from_seed(3),
         ledger=ledger,
         subspace=private_linear.SubspaceSpec("gradients", 6, refresh_every=5,
                                              method="iterative"),
@@ -308,7 +321,8 @@ def test_resume_full_model_with_momentum_and_projection(tmp_path):
     with checkpoint_lib.RunCheckpointer(directory, every_steps=4) as ckpt:
       out = full_model.train_full_model(
           loss_fn, params, x[100:400], y[100:400], x[:20], y[:20], config,
-          optax.sgd(0.5, momentum=0.9), steps=10, sampling_rate=0.1, seed=0,
+          optax.sgd(0.5, momentum=0.9), steps=10, sampling_rate=0.1,
+          coins=randomness.MechanismCoins.insecure_from_seed(0),
           ledger=ledger, on_step=on_step, checkpointer=ckpt)
     return out, ledger
 

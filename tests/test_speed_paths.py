@@ -30,6 +30,7 @@ from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import clipping
 from adamix_jax.train import private_linear
+from adamix_jax.privacy.randomness import MechanismCoins
 
 DIM, CLASSES, NUM_PUBLIC = 9, 5, 14
 ATOL = 1e-5
@@ -259,7 +260,7 @@ def test_dual_form_in_training_loop_matches_matrix_form():
         continue  # the dual form always caches
       results[representation, cache] = private_linear.train_private_head(
           private_x, private_y, public_x, public_y, anchor, config, steps=7,
-          sampling_rate=0.3, seed=0,
+          sampling_rate=0.3, coins=MechanismCoins.insecure_from_seed(0),
           ledger=accounting.PrivacyLedger(delta=1e-5), subspace=spec,
           average_tail=0.5, cache_private_kernel=cache,
           representation=representation)
@@ -272,7 +273,8 @@ def test_dual_form_in_training_loop_matches_matrix_form():
   with pytest.raises(ValueError, match="dual"):
     private_linear.train_private_head(
         private_x, private_y, public_x, public_y, anchor, config, steps=1,
-        sampling_rate=0.3, seed=0, ledger=accounting.PrivacyLedger(delta=1e-5),
+        sampling_rate=0.3, coins=MechanismCoins.insecure_from_seed(0),
+        ledger=accounting.PrivacyLedger(delta=1e-5),
         subspace=private_linear.SubspaceSpec("features", 3),
         representation="dual")
 

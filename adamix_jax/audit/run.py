@@ -28,6 +28,7 @@ from adamix_jax.audit import bounds
 from adamix_jax.audit import canaries as canaries_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 from adamix_jax.train import private_linear
 from adamix_jax.train import stages
 
@@ -51,7 +52,9 @@ class AuditConfig:
     num_negative: k-, guesses "out" for the lowest scores.
     beta: 1 - confidence of the lower bound.
     canary_seed: draws the canaries and their inclusion coins.
-    train_seed: seeds the Poisson sampler and the noise of the audited run.
+    train_seed: seeds the Poisson sampler and the noise of the audited run
+      (``MechanismCoins.insecure_from_seed``: the audit is a reproducible
+      experiment on the mechanism, and the auditor never uses the coins).
     reference: what the released head is compared with. "retrained": the
       mean of two runs of the same mechanism with fresh seeds, one without
       any canary and one with all of them (neither depends on the coins, so
@@ -167,7 +170,8 @@ def _train(config, seed_data: stages.SeedData, step_config, epsilon: float,
       np.concatenate([seed_data.private_y, extra_y]),
       inputs.public_x, inputs.public_y, inputs.anchor, step_config,
       steps=stages.num_steps(config), sampling_rate=float(train.sampling_rate),
-      seed=seed, ledger=ledger, subspace=inputs.subspace,
+      ledger=ledger, coins=randomness.MechanismCoins.insecure_from_seed(seed),
+      subspace=inputs.subspace,
       average_tail=train.average_tail, lr_schedule=train.lr_schedule,
       fallback_basis=inputs.fallback_basis)
   return np.asarray(linear.stack(params))

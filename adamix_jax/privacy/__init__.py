@@ -15,6 +15,7 @@ from adamix_jax.privacy.clipping import per_example_global_norms
 from adamix_jax.privacy.noise import add_gaussian_noise
 from adamix_jax.privacy.per_example import clipped_grad_sum
 from adamix_jax.privacy.per_example import per_example_grads
+from adamix_jax.privacy.randomness import MechanismCoins
 from adamix_jax.privacy.sampler import PaddedBatch
 from adamix_jax.privacy.sampler import PoissonSampler
 from adamix_jax.privacy.transform import dp_aggregate
@@ -38,6 +39,7 @@ __all__ = [
     "add_gaussian_noise",
     "clipped_grad_sum",
     "per_example_grads",
+    "MechanismCoins",
     "PaddedBatch",
     "PoissonSampler",
     "dp_aggregate",

@@ -12,7 +12,9 @@ truncation would have to be accounted. Empty batches are valid steps: all
 padding, the update is noise only.
 
 Each step's draw depends only on (seed, step), so a resumed run that knows
-its step counter reproduces the same batches without saving RNG state.
+its step counter and its seed reproduces the same batches. The seed is part
+of the mechanism's coins and must be secret (``privacy.randomness``): whoever
+knows it knows every batch. It is kept out of ``repr``.
 """
 
 from __future__ import annotations
@@ -46,14 +48,17 @@ class PoissonSampler:
 
   Example::
 
-    sampler = PoissonSampler(num_examples=1000, sampling_rate=0.05, seed=0)
+    coins = MechanismCoins.fresh()      # secret: privacy.randomness
+    sampler = PoissonSampler(num_examples=1000, sampling_rate=0.05,
+                             seed=coins.sampler_seed)
     batch = sampler.batch(step)          # PaddedBatch
     x, m = features[batch.indices], batch.mask
 
   Attributes:
     num_examples: size N of the private set.
     sampling_rate: q in (0, 1]; q = 1 is full batch (no randomness).
-    seed: base seed; step t uses np.random.default_rng((seed, t)).
+    seed: SECRET base seed (``MechanismCoins.sampler_seed``); step t uses
+      np.random.default_rng((seed, t)).
     pad_multiple: padded sizes are multiples of this (e.g. the device count
       times the microbatch size).
     granularity: bucket width; default about two standard deviations of the
@@ -62,7 +67,7 @@ class PoissonSampler:
 
   num_examples: int
   sampling_rate: float
-  seed: int
+  seed: int = dataclasses.field(repr=False)
   pad_multiple: int = 1
   granularity: int | None = None
 

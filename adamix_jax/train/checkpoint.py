@@ -4,6 +4,9 @@ One checkpoint is one orbax step directory holding, in a single commit,
 
 * every array of the training state (parameters, the tail average, the
   noise PRNG key, the step counter, the current public subspace),
+* the run's secret coins (``privacy.randomness``: the sampler's seed and the
+  noise key's source; the ONLY place they are ever written, so that a
+  resume replays the same batches and noise),
 * the privacy ledger as of that step, and
 * a fingerprint of the run (digests of the data, the step config, seed, ...).
 
@@ -14,13 +17,17 @@ batch at step t is a function of (seed, t).
 
 Why resuming does not count the replayed steps twice: steps taken after the
 last checkpoint and lost with the process are replayed with the same batches
-and the same noise (both are functions of the seed, the step and the
-checkpointed key). Their outputs were never released and the replay computes
-exactly them again, so the ledger restored from the checkpoint is the ledger
-of what the resumed run releases. That argument needs the replay to see the
-same inputs: the same noise added to a *different* private set would hand
-out a difference with the noise cancelled. So a checkpoint whose fingerprint
-does not match the run refuses to load.
+and the same noise (both are functions of the checkpointed coins and key and
+the step). Their outputs were never released and the replay computes exactly
+them again, so the ledger restored from the checkpoint is the ledger of what
+the resumed run releases. That argument needs the replay to see the same
+inputs: the same noise added to a *different* private set would hand out a
+difference with the noise cancelled. So a checkpoint whose fingerprint does
+not match the run refuses to load.
+
+The checkpoint holds key material: the stage runner deletes it once the
+run's outputs are written; a library user who keeps checkpoints must keep
+them as private as the data.
 
 Example::
 
@@ -43,8 +50,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 
 logger = logging.getLogger(__name__)
+
+
+_COINS = "coins"
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +78,7 @@ class Restored:
 
   step: int
   tree: Any
+  coins: Optional[randomness.MechanismCoins] = None
 
 
 def _is_key(leaf) -> bool:
@@ -158,18 +170,44 @@ class RunCheckpointer:
       if _is_key(leaf):
         value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
       restored.append(value)
-    if len(arrays) != len(leaves):
+    coins = arrays.get(_COINS)
+    if coins is None:
+      raise CheckpointError(
+          f"Checkpoint {where} holds no mechanism coins (written by an older "
+          "version): a resume could not replay its noise. It was left in "
+          f"place; delete {self.directory} to start this run over.")
+    if len(arrays) - 1 != len(leaves):
       raise CheckpointError(f"Checkpoint {where} holds {len(arrays)} arrays; "
                             f"this run's state has {len(leaves)}.")
     ledger.replace_entries(saved_ledger.entries)
     logger.info("resumed from %s (step %d, %d ledger steps)", where, step,
                 ledger.total_steps)
-    return Restored(step=int(meta["step"]),
-                    tree=jax.tree_util.tree_unflatten(treedef, restored))
+    return Restored(
+        step=int(meta["step"]),
+        tree=jax.tree_util.tree_unflatten(treedef, restored),
+        coins=randomness.MechanismCoins.from_array(np.asarray(coins)))
+
+  def saved_coins(self) -> Optional[randomness.MechanismCoins]:
+    """The coins of the latest checkpoint (None without one): diagnostics
+    and tests; they are as secret as the data."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    coins = saved.arrays.get(_COINS)
+    return None if coins is None else randomness.MechanismCoins.from_array(
+        np.asarray(coins))
 
   def maybe_save(self, step: int, tree: Any, ledger: accounting.PrivacyLedger,
-                 fingerprint: dict[str, Any], force: bool = False) -> bool:
-    """Saves after ``step`` steps when due (or ``force``); True if saved."""
+                 fingerprint: dict[str, Any], *,
+                 coins: randomness.MechanismCoins,
+                 force: bool = False) -> bool:
+    """Saves after ``step`` steps when due (or ``force``); True if saved.
+
+    ``coins``: the run's secret randomness, saved with the state (and
+    returned by ``restore`` as ``Restored.coins``).
+    """
     if not force and step % self.every_steps:
       return False
     if self.latest_step() == step:
@@ -178,6 +216,7 @@ class RunCheckpointer:
     arrays = {f"{i:04d}": np.asarray(jax.device_get(
         jax.random.key_data(leaf) if _is_key(leaf) else leaf))
               for i, leaf in enumerate(leaves)}
+    arrays[_COINS] = coins.to_array()
     meta = {"step": int(step), "ledger": ledger.to_dict(),
             "fingerprint": json.loads(json.dumps(fingerprint))}
     os.makedirs(self.directory, exist_ok=True)

@@ -58,6 +58,7 @@ from adamix_jax import parallel
 from adamix_jax import privacy
 from adamix_jax.adamix import step as step_lib
 from adamix_jax.privacy import clipping
+from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 
 PyTree = Any
@@ -326,18 +327,18 @@ def _basis_fn(loss_fn: ExampleLoss, rank: int, mesh: Optional[Mesh]):
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation,
-               seed: int, mesh: Optional[Mesh] = None) -> State:
-  """(params, optimizer state, key(seed), step 0); replicated on ``mesh``."""
+               key: jax.Array, mesh: Optional[Mesh] = None) -> State:
+  """(params, optimizer state, noise key, step 0); replicated on ``mesh``."""
   params = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), params)
   if mesh is None:
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return State(params=params, opt_state=optimizer.init(params),
-                 key=jax.random.key(seed), step=jnp.zeros((), jnp.int32))
+                 key=key, step=jnp.zeros((), jnp.int32))
   params = parallel.replicate(params, mesh)
   opt_state = jax.jit(optimizer.init,
                       out_shardings=parallel.replicated_sharding(mesh))(params)
   return State(params=params, opt_state=opt_state,
-               key=parallel.replicated_key(seed, mesh),
+               key=parallel.replicated_key(key, mesh),
                step=parallel.replicate(np.int32(0), mesh))
 
 
@@ -372,8 +373,8 @@ def train_full_model(loss_fn: ExampleLoss,
                      *,
                      steps: int,
                      sampling_rate: float,
-                     seed: int,
                      ledger: privacy.PrivacyLedger,
+                     coins: Optional[randomness.MechanismCoins] = None,
                      mesh: Optional[Mesh] = None,
                      on_step: Optional[Callable[[int, Metrics], None]] = None,
                      checkpointer: Optional[
@@ -396,16 +397,19 @@ def train_full_model(loss_fn: ExampleLoss,
     public_x, public_y: the public set (may be empty; DP-SGD passes none).
     config: the step's hyperparameters.
     optimizer: any optax transformation (it sees the privatised gradient).
-    steps, sampling_rate, seed: T, Poisson rate q, seed of sampler & noise.
+    steps, sampling_rate: T and the Poisson rate q.
     ledger: records each step; its target is enforced before starting and
       before each step.
+    coins: the secret randomness of the sampler and the noise
+      (``privacy.randomness``); None draws fresh OS entropy. A resumed run
+      uses the coins in its checkpoint.
     mesh: data-parallel mesh (``parallel.make_data_mesh()``), or None.
     on_step: optional callback(step, metrics).
     checkpointer: saves (params, optimiser state, noise key, step, public
       basis) with the ledger every few steps and at the end; the run first
       resumes from its latest checkpoint (see ``train.checkpoint``).
     fingerprint: extra fields a checkpoint must match, on top of digests of
-      the data and the start, the config, steps, q and seed. Sharp edge: the
+      the data and the start, the config, steps and q. Sharp edge: the
       optimiser's hyperparameters are closures and cannot be digested here:
       put them in ``fingerprint`` (the experiment passes its config).
 
@@ -420,18 +424,19 @@ def train_full_model(loss_fn: ExampleLoss,
         "init_params": checkpoint_lib.digest(
             *jax.tree_util.tree_leaves(init_params)),
         "config": repr(config), "steps": int(steps),
-        "sampling_rate": float(sampling_rate), "seed": int(seed),
+        "sampling_rate": float(sampling_rate),
         **(fingerprint or {})}
   # Padded sizes: a multiple of (devices x microbatch), so that every
   # device gets a whole number of microbatches.
   pad_multiple = (1 if mesh is None else mesh.size) * (
       config.microbatch_size or 1)
-  sampler = privacy.PoissonSampler(len(private_y), sampling_rate, seed,
-                                   pad_multiple=pad_multiple)
+  coins = randomness.MechanismCoins.fresh() if coins is None else coins
+  if mesh is not None:
+    coins = parallel.share_coins(coins)
   private_x = np.asarray(private_x, np.float32)
   private_y = np.asarray(private_y, np.int32)
   public = place_public(public_x, public_y, mesh)
-  state = init_state(init_params, optimizer, seed, mesh)
+  state = init_state(init_params, optimizer, coins.noise_key(), mesh)
   step_fn = make_train_step(config, loss_fn, optimizer, mesh)
   use_basis = config.projection_rank > 0 and len(public_y) > 0
   refresh = lambda params: _basis_fn(loss_fn, config.projection_rank,
@@ -441,10 +446,15 @@ def train_full_model(loss_fn: ExampleLoss,
   if checkpointer is not None:
     put = ((lambda a: jnp.asarray(a)) if mesh is None else
            (lambda a: parallel.replicate(a, mesh)))
+    # The coins travel with the state (the only place they are written).
     restored = checkpointer.restore((state, basis), ledger, run_fingerprint,
                                     put=put)
     if restored is not None:
       start, (state, basis) = restored.step, restored.tree
+      coins = restored.coins
+  sampler = privacy.PoissonSampler(len(private_y), sampling_rate,
+                                   coins.sampler_seed,
+                                   pad_multiple=pad_multiple)
   ledger.approve(config.noise_multiplier, sampling_rate, steps - start)
   for t in range(start, steps):
     if use_basis and t % config.refresh_every == 0 and t:
@@ -457,7 +467,7 @@ def train_full_model(loss_fn: ExampleLoss,
     ledger.record(config.noise_multiplier, sampling_rate)
     if checkpointer is not None:
       checkpointer.maybe_save(t + 1, (state, basis), ledger, run_fingerprint,
-                              force=t + 1 == steps)
+                              force=t + 1 == steps, coins=coins)
     if on_step is not None:
       on_step(t, metrics)
   return jax.tree_util.tree_map(np.asarray, state.params)

@@ -27,6 +27,7 @@ from jax.flatten_util import ravel_pytree
 from adamix_jax import data as data_lib
 from adamix_jax.models import cnn
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import full_model
 from adamix_jax.train import io
@@ -109,7 +110,8 @@ def run_unit(config, method: str, epsilon: Optional[float], seed: int, data,
     params = full_model.train_full_model(
         loss_fn, init, x_train[private_idx], y_train[private_idx],
         x_train[pub], y_train[pub], cfg, private_optimizer(config),
-        steps=steps, sampling_rate=train.sampling_rate, seed=seed,
+        steps=steps, sampling_rate=train.sampling_rate,
+        coins=randomness.run_coins(stages.insecure_noise(config), seed),
         ledger=ledger, mesh=mesh, checkpointer=checkpointer,
         # The optimiser is a closure: its settings are fingerprinted here.
         fingerprint={"train": repr(sorted(config.train.to_dict().items()))})
@@ -170,7 +172,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "",
             "epsilon_spent": None, "epsilon_spent_rdp": None,
             "noise_multiplier": meta.get("noise_multiplier"),
             "steps": meta.get("steps"),
-            "sampling_rate": meta.get("sampling_rate")}
+            "sampling_rate": meta.get("sampling_rate"),
+            "insecure_reproducible_noise": (stages.insecure_noise(config)
+                                            if epsilon else None)}
         ledger = meta.get("ledger")
         if ledger is not None:
           ledger.save(os.path.join(out, "ledger.json"))

@@ -21,6 +21,7 @@ from adamix_jax.adamix import step as step_lib
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
 from adamix_jax.train import checkpoint as checkpoint_lib
 
@@ -165,11 +166,19 @@ class SingleDevice:
   def replicate(self, tree):
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
+  def replicate_key(self, key: jax.Array) -> jax.Array:
+    return key
+
+  def share_coins(self, coins: randomness.MechanismCoins
+                  ) -> randomness.MechanismCoins:
+    return coins
+
   def shard_batch(self, tree):
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
-  def init_state(self, anchor_params: dict, seed: int) -> step_lib.TrainState:
-    return step_lib.init_state(anchor_params, jax.random.key(seed))
+  def init_state(self, anchor_params: dict,
+                 key: jax.Array) -> step_lib.TrainState:
+    return step_lib.init_state(anchor_params, key)
 
   def public_data(self, x_aug, y, cache_gram: bool) -> step_lib.PublicData:
     return step_lib.make_public_data(x_aug, y, cache_gram=cache_gram)
@@ -243,8 +252,8 @@ def train_private_head(private_x: np.ndarray,
                        *,
                        steps: int,
                        sampling_rate: float,
-                       seed: int,
                        ledger: accounting.PrivacyLedger,
+                       coins: Optional[randomness.MechanismCoins] = None,
                        subspace: SubspaceSpec = SubspaceSpec(),
                        average_tail: float = 0.5,
                        lr_schedule: str = "constant",
@@ -271,8 +280,10 @@ def train_private_head(private_x: np.ndarray,
     config: the step's hyperparameters (sigma, lr, thresholds, ...).
     steps: number of private steps T.
     sampling_rate: Poisson rate q (1.0: full batch).
-    seed: seeds the sampler and the noise.
     ledger: records the steps taken; its target is enforced.
+    coins: the secret randomness of the sampler and the noise
+      (``privacy.randomness``); None draws fresh OS entropy. A resumed run
+      uses the coins in its checkpoint instead (the replay is then exact).
     subspace: the projection (kind, rank, refresh period).
     average_tail: average the iterates of this final fraction of the run
       (0: return the last iterate).
@@ -313,13 +324,13 @@ def train_private_head(private_x: np.ndarray,
   if checkpointer is not None:
     fingerprint = run_fingerprint(
         private_x, private_y, public_x, public_y, anchor_params, config,
-        steps=steps, sampling_rate=float(sampling_rate), seed=seed,
-        subspace=subspace, average_tail=float(average_tail),
+        steps=steps, sampling_rate=float(sampling_rate), subspace=subspace,
+        average_tail=float(average_tail),
         lr_schedule=lr_schedule, representation=representation,
         fallback_basis=None if fallback_basis is None else
         checkpoint_lib.digest(fallback_basis))
-  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate, seed,
-                                       pad_multiple=placement.pad_multiple)
+  coins = placement.share_coins(
+      randomness.MechanismCoins.fresh() if coins is None else coins)
   private_x_host = _augment_host(private_x)
   private_x_aug, private_y_dev = placement.replicate(
       (private_x_host, np.asarray(private_y, np.int32)))
@@ -338,7 +349,8 @@ def train_private_head(private_x: np.ndarray,
   build = placement.build_subspace(subspace)
   if representation == "dual":
     state, cache = step_lib.init_dual(
-        anchor_params, public, private_x_aug, jax.random.key(seed),
+        anchor_params, public, private_x_aug,
+        placement.replicate_key(coins.noise_key()),
         private_kernel=private_public_kernel(private_x_aug, public.x_aug))
     current = build(step_lib.dual_matrix(state, cache, public), public, basis)
     refresh = step_lib.BasisRefresh(subspace.rank, subspace.method,
@@ -354,7 +366,8 @@ def train_private_head(private_x: np.ndarray,
       return step_lib.dual_matrix(state, cache, public,
                                   average=average_tail > 0)
   else:
-    state = placement.init_state(anchor_params, seed)
+    state = placement.init_state(anchor_params,
+                                 placement.replicate_key(coins.noise_key()))
     current = build(state.matrix, public, basis)
     kernel = None
     if (cache_private_kernel and current.kind == "gradients" and
@@ -377,10 +390,16 @@ def train_private_head(private_x: np.ndarray,
 
   start = 0
   if checkpointer is not None:
+    # The coins travel with the state: a resume replays the same batches and
+    # noise (the checkpoint is the only place they are ever written).
     restored = checkpointer.restore((state, current), ledger, fingerprint,
                                     put=placement.replicate)
     if restored is not None:
       start, (state, current) = restored.step, restored.tree
+      coins = restored.coins
+  sampler = sampler_lib.PoissonSampler(len(private_y), sampling_rate,
+                                       coins.sampler_seed,
+                                       pad_multiple=placement.pad_multiple)
   sigma, q = config.noise_multiplier, sampling_rate
   ledger.approve(sigma, q, steps - start)
   for t in range(start, steps):
@@ -389,7 +408,7 @@ def train_private_head(private_x: np.ndarray,
     ledger.record(sigma, q)
     if checkpointer is not None:
       checkpointer.maybe_save(t + 1, (state, current), ledger, fingerprint,
-                              force=t + 1 == steps)
+                              force=t + 1 == steps, coins=coins)
     if on_step is not None:
       on_step(t, metrics)
   final = final_matrix(state)

@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from adamix_jax.privacy import randomness
+
 COLUMNS = (("paragon", "Paragon"), ("public_only", "Public-only"),
            ("dp_sgd", "DP-SGD"), ("adamix", "AdaMix"))
 
@@ -62,9 +64,16 @@ def markdown_table(records: Sequence[dict], epsilons: Sequence[float]) -> str:
 def provenance(config, command: str) -> str:
   """Header of results.md: what made these numbers."""
   config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  warning = []
+  if config.get("insecure_reproducible_noise", False):
+    warning = [f"**WARNING, {randomness.INSECURE_NOTICE}** "
+               "(config.insecure_reproducible_noise = True: anyone with the "
+               "code and the seed can rebuild the noise; for debugging only).",
+               ""]
   return "\n".join([
       f"# AdaMix results: {config.dataset}",
       "",
+      *warning,
       f"- command: `{command}`" if command else "- command: (library call)",
       f"- seeds: {list(config.seeds)}; epsilons: {list(config.epsilons)}; "
       f"delta: {config.delta}",

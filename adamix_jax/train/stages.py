@@ -34,6 +34,7 @@ from adamix_jax.adamix import step as step_lib
 from adamix_jax.features import preprocess as preprocess_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import io
 from adamix_jax.train import private_linear
@@ -457,7 +458,9 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
   runs data parallel over it; the result is the same up to float rounding.
   With a ``checkpoint_dir`` the run checkpoints its state and ledger every
   ``config.train.checkpoint_every`` steps and resumes from the latest
-  checkpoint there (``meta["resumed_from_step"]``).
+  checkpoint there (``meta["resumed_from_step"]``). The sampler and the
+  noise use fresh secret coins (``privacy.randomness``; ``seed`` only picks
+  the split and the public start), unless ``config.insecure_reproducible_noise``.
   """
   train = config.train
   steps = num_steps(config)
@@ -479,7 +482,8 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
     params = train_head(
         seed_data.private_x, seed_data.private_y, inputs.public_x,
         inputs.public_y, inputs.anchor, cfg, steps=steps,
-        sampling_rate=train.sampling_rate, seed=seed, ledger=ledger,
+        sampling_rate=train.sampling_rate, ledger=ledger,
+        coins=randomness.run_coins(insecure_noise(config), seed),
         subspace=inputs.subspace, average_tail=train.average_tail,
         lr_schedule=train.lr_schedule, fallback_basis=inputs.fallback_basis,
         checkpointer=checkpointer)
@@ -489,8 +493,14 @@ def train_dp_method(config, method: str, epsilon: float, seed: int,
           "sampling_rate": float(train.sampling_rate),
           "private_examples": int(len(seed_data.private_y)),
           "public_examples": int(len(seed_data.public_y)),
-          "public_weight": cfg.public_weight}
+          "public_weight": cfg.public_weight,
+          "insecure_reproducible_noise": insecure_noise(config)}
   return params, ledger, meta
+
+
+def insecure_noise(config) -> bool:
+  """Whether the run derives its mechanism's coins from the public seed."""
+  return bool(config.get("insecure_reproducible_noise", False))
 
 
 def _private_jobs(config) -> list[tuple[str, Optional[float], int]]:
@@ -610,7 +620,9 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
           "epsilon_spent_rdp": entry.get("epsilon_spent_rdp"),
           "noise_multiplier": meta.get("noise_multiplier"),
           "steps": meta.get("steps"),
-          "sampling_rate": meta.get("sampling_rate")})
+          "sampling_rate": meta.get("sampling_rate"),
+          "insecure_reproducible_noise": (
+              insecure_noise(config) if method in DP_METHODS else None)})
 
     if "public_only" in config.methods:
       record("public_only", None, data.public_params)

@@ -73,5 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
   # subspace to the span of the head's class embeddings.
   config.zero_shot_templates = ()  # () -> models.zero_shot.CLIP_TEMPLATES
 
+  # --- the mechanism's coins (docs/design.md, invariant 6) -----------------
+  # False (always, for real use): each private run draws its noise and its
+  # batches from fresh OS entropy, kept only in its checkpoint. True derives
+  # them from the public seed, as wave 1 did: reproducible, for debugging and
+  # comparisons only, and the results then say "no privacy guarantee".
+  config.insecure_reproducible_noise = False
+
   config.progress = True
   return config

@@ -66,4 +66,7 @@ def get_config():
   config.adamix.refresh_every = 10
   config.adamix.adaptive_threshold = True
   config.adamix.threshold_quantile = 0.5
+  # Debugging only: derive the mechanism's coins from the public seed (no
+  # privacy guarantee; see base.py).
+  config.insecure_reproducible_noise = False
   return config
