@@ -1,5 +1,8 @@
-"""Data parallelism for the private step: a ``jax.sharding.Mesh`` with a
-``data`` axis, and ``jax.jit`` with ``NamedSharding`` in/out shardings.
+"""Mesh helpers for data parallelism: a ``jax.sharding.Mesh`` with a ``data``
+axis, global arrays replicated or sharded on it, multi-host set-up.
+
+The trainers use these through ``train.placement``; this module knows
+nothing about training.
 
 Why jit + NamedSharding (not pmap): GSPMD partitions the *global* program.
 The per-example work (gradients, projections, clipping) runs on each
@@ -10,7 +13,7 @@ the global sum (DESIGN.md invariant 2), whatever the device count. With
 pmap each device would run its own copy of the step and a per-device noise
 draw before a ``psum`` would be an easy, silent mistake.
 
-Layout of the linear-head step (``train_private_head_sharded``):
+Layout of the linear-head step (``train.linear_head`` on a mesh):
 
 * replicated: the state (W~_t, anchor, average, key), the public set, the
   subspace, and the private set's features (a frozen-feature matrix; the
@@ -28,7 +31,7 @@ after ``initialize_multihost()``.
 Example::
 
   mesh = parallel.make_data_mesh()             # all devices on one axis
-  params = parallel.train_private_head_sharded(
+  params = linear_head.train_private_head(
       x_priv, y_priv, x_pub, y_pub, w0, step_config, steps=100,
       sampling_rate=0.1, ledger=ledger, mesh=mesh)   # fresh secret coins
 """
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -45,10 +48,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adamix_jax.adamix import step as step_lib
 from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
-from adamix_jax.train import private_linear
 
 DATA_AXIS = "data"
 PyTree = Any
@@ -64,7 +65,7 @@ def initialize_multihost(**kwargs: Any) -> None:
 
   On a Cloud TPU pod every argument is auto-detected, so run the SAME
   command on every host (``gcloud compute tpus tpu-vm ssh NAME --worker=all
-  --command="python -m launch.main --multihost ..."``). On other clusters
+  --command="adamix-train --multihost ..."``). On other clusters
   pass ``coordinator_address``, ``num_processes`` and ``process_id``.
   Must run before any other JAX call touches the devices.
   """
@@ -209,117 +210,3 @@ def replicated_key(key: jax.Array, mesh: Mesh) -> jax.Array:
   """
   data = replicate(np.asarray(jax.random.key_data(key)), mesh)
   return _wrap_key_fn(mesh, jax.random.key_impl(key))(data)
-
-
-# --- the sharded linear-head loop --------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def sharded_step_fn(mesh: Mesh, config: step_lib.StepConfig) -> Callable:
-  """``private_linear.scheduled_train_step`` jitted for ``mesh`` (cached per
-  (mesh, config)).
-
-  Signature: (state, subspace, public, private_x_aug, private_y, indices,
-  mask, average_from, lr_schedule, private_kernel) -> (state, metrics).
-  ``indices`` and ``mask`` are sharded on ``data``, everything else
-  replicated (``private_kernel`` may be None); the state is donated.
-  """
-  repl, data = replicated_sharding(mesh), data_sharding(mesh)
-  return jax.jit(
-      functools.partial(private_linear.scheduled_train_step, config),
-      in_shardings=(repl, repl, repl, repl, repl, data, data, repl, repl,
-                    repl),
-      out_shardings=(repl, repl),
-      donate_argnums=(0,))
-
-
-@functools.lru_cache(maxsize=None)
-def _init_state_fn(mesh: Mesh):
-  return jax.jit(step_lib.init_state, out_shardings=replicated_sharding(mesh))
-
-
-def init_state(anchor_params: dict, key: jax.Array, mesh: Mesh
-               ) -> step_lib.TrainState:
-  """``step.init_state(anchor, key)``, replicated on mesh (``key``: already
-  replicated, see ``replicated_key``)."""
-  anchor = replicate({k: np.asarray(v, np.float32)
-                      for k, v in anchor_params.items()}, mesh)
-  return _init_state_fn(mesh)(anchor, key)
-
-
-@functools.lru_cache(maxsize=None)
-def _build_subspace_fn(mesh: Mesh, spec: private_linear.SubspaceSpec):
-  return jax.jit(functools.partial(private_linear.build_subspace, spec),
-                 out_shardings=replicated_sharding(mesh))
-
-
-@functools.lru_cache(maxsize=None)
-def _public_data_fn(mesh: Mesh, cache_gram: bool):
-  return jax.jit(functools.partial(step_lib.make_public_data,
-                                   cache_gram=cache_gram),
-                 out_shardings=replicated_sharding(mesh))
-
-
-@functools.lru_cache(maxsize=None)
-def _private_kernel_fn(mesh: Mesh):
-  return jax.jit(private_linear.private_public_kernel,
-                 out_shardings=replicated_sharding(mesh))
-
-
-class MeshPlacement(private_linear.SingleDevice):
-  """``train_private_head``'s arrays on ``mesh``: the batch indices and mask
-  sharded on ``data``, everything else replicated (see the module doc)."""
-
-  def __init__(self, mesh: Mesh):
-    self.mesh = mesh
-    self.pad_multiple = mesh.size
-
-  def replicate(self, tree):
-    return replicate(tree, self.mesh)
-
-  def shard_batch(self, tree):
-    return shard_batch(tree, self.mesh)
-
-  def replicate_key(self, key):
-    return replicated_key(key, self.mesh)
-
-  def share_coins(self, coins):
-    return share_coins(coins)
-
-  def init_state(self, anchor_params, key):
-    return init_state(anchor_params, key, self.mesh)
-
-  def public_data(self, x_aug, y, cache_gram):
-    return _public_data_fn(self.mesh, cache_gram)(x_aug, y)
-
-  def build_subspace(self, spec):
-    # From public (replicated) arrays: replicated outputs.
-    return _build_subspace_fn(self.mesh, spec)
-
-  def private_kernel(self, private_x_aug, public_x_aug):
-    return _private_kernel_fn(self.mesh)(private_x_aug, public_x_aug)
-
-  def step(self, config):
-    return sharded_step_fn(self.mesh, config)
-
-
-def train_private_head_sharded(*args, mesh: Optional[Mesh] = None,
-                               **kwargs) -> dict:
-  """``private_linear.train_private_head``, data parallel over ``mesh``.
-
-  Same arguments, same result (up to float summation order) for the same
-  coins: the sampler draws the same indices (only the padding differs: the
-  padded size is a multiple of ``mesh.size``), the noise comes from the
-  same replicated key, and the subspace is refreshed the same way.
-  ``mesh`` defaults to all devices. ``representation="dual"`` is not data
-  parallel (yet): "auto" runs the matrix form here.
-
-  Returns:
-    ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
-  """
-  mesh = make_data_mesh() if mesh is None else mesh
-  if kwargs.get("representation", "auto") not in ("auto", "matrix"):
-    raise ValueError(f"representation={kwargs['representation']!r} is not "
-                     "supported data parallel; use 'matrix' (the same update).")
-  return private_linear.train_private_head(
-      *args, placement=MeshPlacement(mesh), **kwargs)

@@ -1,11 +1,12 @@
-"""The AdaMix step on a linear head keeps the DESIGN.md privacy invariants.
+"""The AdaMix step on a linear head keeps the privacy invariants
+(docs/design.md); what every backend of the mechanism shares (sensitivity,
+padding, non-finite rows, the noise law) is in tests/test_mechanism.py.
 
 * Invariant 1 (sensitivity): each private example's contribution to the
   released sum is bounded by C_t AFTER projection onto the public subspace,
-  in coefficient space and (the maps being isometries) in parameter space;
-  padding contributes exactly zero; a non-finite example is zeroed.
-* Invariant 2 (noise): N(0, (sigma C_t)^2) is added once per step, in
-  coefficient space, with C_t the adaptive public threshold.
+  in coefficient space and (the maps being isometries) in parameter space.
+* Invariant 2 (noise): through a whole step, N(0, (sigma C_t)^2) with C_t
+  the adaptive public threshold computed inside the step.
 * Invariant 3 (public only): C_t and the subspace do not depend on private
   data; DP-SGD touches no public data at all.
 * Invariant 5 (ledger): the loop records the steps it ran and refuses a run
@@ -27,14 +28,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import linear_step as step_lib
+from adamix_jax.adamix import settings
 from adamix_jax.adamix import subspace as subspace_lib
+from adamix_jax.adamix import threshold as threshold_lib
+from adamix_jax.configs import base
+from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
-from adamix_jax.train import private_linear
-from adamix_jax.train import stages
+from adamix_jax.privacy import mechanism
 from adamix_jax.privacy.randomness import MechanismCoins
-from experiments.configs import base
+from adamix_jax.train import linear_head
+from adamix_jax.train import placement as placement_lib
 
 DIM, CLASSES = 5, 4  # d, c: (d+1)*c = 24 parameters
 NUM_PUBLIC = 12
@@ -64,8 +69,8 @@ def _matrix(seed: int = 1, scale: float = 0.5) -> jax.Array:
 
 def _subspace(kind: str, matrix, public) -> subspace_lib.Subspace:
   """The production builder: "gradients" from public residuals at ``matrix``."""
-  spec = private_linear.SubspaceSpec(kind, RANKS[kind])
-  return private_linear.build_subspace(spec, matrix, public)
+  spec = settings.SubspaceSpec(kind, RANKS[kind])
+  return linear_head.initial_subspace(spec, matrix, public)
 
 
 def _private_batch(seed: int = 2, real: int = 8, pad: int = 3):
@@ -79,11 +84,62 @@ def _private_batch(seed: int = 2, real: int = 8, pad: int = 3):
           jnp.asarray(mask))
 
 
-def _config(path: str = "closed_form", **kwargs) -> step_lib.StepConfig:
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  """A step's settings and its performance flags."""
+
+  step: settings.StepConfig
+  flags: settings.PerformanceFlags
+
+
+def _config(path: str = "closed_form", microbatch_size=None, **kwargs) -> _Cfg:
   defaults = dict(noise_multiplier=0.7, expected_batch_size=4.0,
                   learning_rate=0.5)
   defaults.update(kwargs)
-  return step_lib.StepConfig(path=path, **defaults)
+  return _Cfg(settings.StepConfig(**defaults),
+              settings.PerformanceFlags(path=path,
+                                        microbatch_size=microbatch_size))
+
+
+def _contributions(cfg, subspace, matrix, x_aug, y, kernel=None):
+  return step_lib.matrix_contributions(subspace, matrix, x_aug, y, cfg.flags,
+                                       kernel)
+
+
+def _clipped_coefficient_sum(cfg, subspace, matrix, x_aug, y, mask, threshold,
+                             kernel=None):
+  return mechanism.clipped_sum(
+      _contributions(cfg, subspace, matrix, x_aug, y, kernel), threshold, mask)
+
+
+def _private_gradient(cfg, subspace, matrix, x_aug, y, mask, threshold, key,
+                      kernel=None):
+  """The released private gradient: map_back(noisy coefficients / q N)."""
+  noisy, stats = mechanism.privatize(
+      _contributions(cfg, subspace, matrix, x_aug, y, kernel), threshold,
+      mask, key, noise_multiplier=cfg.step.noise_multiplier,
+      normalizer=cfg.step.expected_batch_size)
+  return subspace_lib.map_back(subspace, noisy), stats
+
+
+def _public_threshold(cfg, subspace, matrix, public):
+  e = linear.residuals(matrix, public.x_aug, public.y)
+  kernel = public.gram if subspace.kind == "gradients" else None
+  norms = subspace_lib.closed_form_norms(subspace, public.x_aug, e, kernel)
+  return threshold_lib.public_threshold(
+      norms, adaptive=cfg.step.adaptive_threshold,
+      quantile=cfg.step.threshold_quantile, clip_norm=cfg.step.clip_norm)
+
+
+def _train_step(cfg, state, subspace, public, private_x, private_y, indices,
+                mask, average_from, kernel=None):
+  """One matrix-form step (lr multiplier 1) -> (state, metrics)."""
+  state, metrics, _ = step_lib.private_step(
+      cfg.step.structure(), cfg.flags, None, cfg.step.numbers(), state,
+      subspace, public,
+      step_lib.PrivateData(x_aug=private_x, y=private_y, kernel=kernel),
+      indices, mask, average_from, jnp.ones((8,), jnp.float32))
+  return state, metrics
 
 
 def _median_threshold(subspace, matrix, x_aug, y, mask) -> jax.Array:
@@ -121,8 +177,8 @@ def _check_closed_form_equals_vmap(kind: str) -> None:
     variants["vmap_microbatched"] = (_config("vmap", microbatch_size=4), None)
     variants["closed_form_kernel"] = (_config("closed_form"),
                                       x_aug @ public.x_aug.T)
-  results = {name: step_lib.private_gradient(cfg, subspace, matrix, x_aug, y,
-                                             mask, threshold, key, kernel)
+  results = {name: _private_gradient(cfg, subspace, matrix, x_aug, y, mask,
+                                     threshold, key, kernel)
              for name, (cfg, kernel) in variants.items()}
   g_vm, s_vm = results["vmap"]
   assert g_vm.shape == (DIM + 1, CLASSES)
@@ -136,8 +192,8 @@ def _check_closed_form_equals_vmap(kind: str) -> None:
     assert int(s.num_clipped) == int(s_vm.num_clipped), name
     assert int(s.num_nonfinite) == 0, name
   # Noise is on (sigma > 0): the released gradient is not the clipped sum.
-  total, _ = step_lib.clipped_coefficient_sum(_config(), subspace, matrix,
-                                              x_aug, y, mask, threshold)
+  total, _ = _clipped_coefficient_sum(_config(), subspace, matrix, x_aug, y,
+                                      mask, threshold)
   clean = subspace_lib.map_back(subspace, total) / 4.0
   assert _diff(g_vm, clean) > 1e-2
 
@@ -168,10 +224,10 @@ def _check_closed_form_equals_vmap(kind: str) -> None:
   for name, (path, pub, sub, kernel) in runs.items():
     cfg = _config(path, adaptive_threshold=True, threshold_quantile=0.5,
                   public_weight=0.3, pull=0.2)
-    state = step_lib.init_state(anchor, jax.random.key(6), init_params=start)
-    outputs[name] = step_lib.train_step(cfg, state, sub, pub, private_x,
-                                        private_y, indices, step_mask,
-                                        jnp.int32(0), jnp.float32(1.0), kernel)
+    state = step_lib.init_matrix_state(anchor, jax.random.key(6),
+                                       init_params=start)
+    outputs[name] = _train_step(cfg, state, sub, pub, private_x, private_y,
+                                indices, step_mask, jnp.int32(0), kernel)
   st_vm, m_vm = outputs["vmap"]
   assert _diff(st_vm.matrix, matrix) > 1e-3  # the step moved
   assert int(m_vm.batch_size) == 8
@@ -204,157 +260,48 @@ def test_closed_form_equals_vmap_gradients():
 # --- sensitivity: clip after projection --------------------------------------
 
 
-def _coefficient_sum(cfg, subspace, matrix, x_aug, y, mask, threshold):
-  return step_lib.clipped_coefficient_sum(cfg, subspace, matrix, x_aug, y,
-                                          mask, threshold)[0]
-
-
-def _released(cfg, subspace, matrix, x_aug, y, mask, threshold):
-  """The parameter-space gradient before noise (sigma = 0, q N = 1)."""
-  return step_lib.private_gradient(cfg, subspace, matrix, x_aug, y, mask,
-                                   threshold, jax.random.key(0))[0]
-
-
-def _check_sensitivity(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["features", "gradients"])
+@pytest.mark.parametrize("path", settings.PATHS)
+def test_sensitivity_clipping_happens_after_projection(kind, path):
+  """An example whose projected norm p is below the threshold but whose full
+  gradient norm f is above it is not clipped at all (clip-then-project
+  would scale it by t / f < 1), and the released sum in parameter space
+  moves by at most C_t when a huge example is added."""
   public = _public()
   matrix = _matrix()
   subspace = _subspace(kind, matrix, public)
+  cfg = _config(path, noise_multiplier=0.0, expected_batch_size=1.0,
+                adaptive_threshold=True, threshold_quantile=0.5)
   x_aug, y, mask = _private_batch(real=8, pad=2)
-  # The extra (neighbouring) example: a huge feature vector.
+  one_x, one_y, one_mask = x_aug[:1], y[:1], jnp.ones(1)
+  e = linear.residuals(matrix, one_x, one_y)
+  projected = float(subspace_lib.closed_form_norms(subspace, one_x, e)[0])
+  full = _norm(one_x) * _norm(e)
+  assert full > 1.2 * projected, (kind, full, projected)
+  between = jnp.float32((projected + full) / 2)
+  clipped, stats = _clipped_coefficient_sum(cfg, subspace, matrix, one_x,
+                                            one_y, one_mask, between)
+  unclipped, _ = _clipped_coefficient_sum(cfg, subspace, matrix, one_x, one_y,
+                                          one_mask, jnp.float32(1e9))
+  assert int(stats.num_clipped) == 0
+  np.testing.assert_allclose(clipped, unclipped, rtol=1e-6)
+  assert _norm(clipped) == pytest.approx(projected, rel=1e-5)
+
+  # Parameter space (mapped back through the isometry): still at most C_t.
+  c_t = float(_public_threshold(cfg, subspace, matrix, public))
+  assert c_t != cfg.step.clip_norm  # really the adaptive public threshold
   rng = _rng(7)
   huge = linear.augment(jnp.asarray(1e3 * rng.normal(size=(1, DIM)),
                                     jnp.float32))
   x_plus = jnp.concatenate([x_aug, huge])
   y_plus = jnp.concatenate([y, jnp.asarray([1], jnp.int32)])
-  mask_without = jnp.concatenate([mask, jnp.zeros(1)])
-  mask_with = jnp.concatenate([mask, jnp.ones(1)])
-  for path in step_lib.PATHS:
-    cfg = _config(path, noise_multiplier=0.0, expected_batch_size=1.0,
-                  adaptive_threshold=True, threshold_quantile=0.5)
-    threshold = step_lib.public_threshold(cfg, subspace, matrix, public)
-    c_t = float(threshold)
-    assert c_t != cfg.clip_norm  # really the adaptive public threshold
-    neighbours = {
-        "mask flip": ((x_plus, y_plus, mask_without),
-                      (x_plus, y_plus, mask_with)),
-        "add a row": ((x_aug, y, mask), (x_plus, y_plus, mask_with)),
-    }
-    for name, (d, d_prime) in neighbours.items():
-      # Coefficient space: what the noise is added to.
-      diff = _diff(_coefficient_sum(cfg, subspace, matrix, *d, threshold),
-                   _coefficient_sum(cfg, subspace, matrix, *d_prime, threshold))
-      assert diff <= c_t + ATOL, (kind, path, name, diff, c_t)
-      # The bound is met with equality by a huge example: it was clipped.
-      assert diff >= 0.99 * c_t, (kind, path, name, diff, c_t)
-      # Parameter space (mapped back): still at most C_t.
-      diff = _diff(_released(cfg, subspace, matrix, *d, threshold),
-                   _released(cfg, subspace, matrix, *d_prime, threshold))
-      assert diff <= c_t + ATOL, (kind, path, name, diff, c_t)
-      # Control: without clipping the same neighbours differ by far more.
-      no_clip = jnp.float32(1e9)
-      diff = _diff(_coefficient_sum(cfg, subspace, matrix, *d, no_clip),
-                   _coefficient_sum(cfg, subspace, matrix, *d_prime, no_clip))
-      assert diff > 10 * c_t, (kind, path, name, diff, c_t)
-      diff = _diff(_released(cfg, subspace, matrix, *d, no_clip),
-                   _released(cfg, subspace, matrix, *d_prime, no_clip))
-      assert diff > 10 * c_t, (kind, path, name, diff, c_t)
-
-    if kind == "none":
-      continue
-    # Clipping happens AFTER projection: an example whose projected norm p is
-    # below the threshold but whose full gradient norm f is above it is not
-    # clipped at all (clip-then-project would scale it by t / f < 1).
-    one_x, one_y, one_mask = x_aug[:1], y[:1], jnp.ones(1)
-    e = linear.residuals(matrix, one_x, one_y)
-    projected = float(subspace_lib.closed_form_norms(subspace, one_x, e)[0])
-    full = _norm(one_x) * _norm(e)
-    assert full > 1.2 * projected, (kind, full, projected)
-    between = jnp.float32((projected + full) / 2)
-    clipped, stats = step_lib.clipped_coefficient_sum(
-        cfg, subspace, matrix, one_x, one_y, one_mask, between)
-    unclipped = _coefficient_sum(cfg, subspace, matrix, one_x, one_y,
-                                 one_mask, jnp.float32(1e9))
-    assert int(stats.num_clipped) == 0
-    np.testing.assert_allclose(clipped, unclipped, rtol=1e-6)
-    assert _norm(clipped) == pytest.approx(projected, rel=1e-5)
-
-
-def test_sensitivity_adamix_step_none():
-  _check_sensitivity("none")
-
-
-def test_sensitivity_adamix_step_features():
-  _check_sensitivity("features")
-
-
-def test_sensitivity_adamix_step_gradients():
-  _check_sensitivity("gradients")
-
-
-# --- padding and non-finite rows ---------------------------------------------
-
-
-@pytest.mark.parametrize("kind", subspace_lib.SUBSPACE_KINDS)
-def test_padding_contributes_zero(kind):
-  public = _public()
-  matrix = _matrix()
-  subspace = _subspace(kind, matrix, public)
-  x_aug, y, mask = _private_batch(real=6, pad=0)
-  junk = np.array([[np.nan] * DIM, [np.inf] * DIM, [-np.inf] * DIM,
-                   [1e30] * DIM, [-3e38] * DIM, [1e15] * DIM], np.float32)
-  pad_x = linear.augment(jnp.asarray(junk))
-  pad_y = jnp.asarray([0, 1, 2, 3, CLASSES - 1, 0], jnp.int32)
-  x_pad = jnp.concatenate([x_aug, pad_x])
-  y_pad = jnp.concatenate([y, pad_y])
-  mask_pad = jnp.concatenate([mask, jnp.zeros(6)])
-  # The same batch with zeros in the padding rows: bitwise the same result.
-  x_zero = jnp.concatenate([x_aug, jnp.zeros_like(pad_x)])
-  threshold = _median_threshold(subspace, matrix, x_aug, y, mask)
-  for path in step_lib.PATHS:
-    cfg = _config(path)
-    total, stats = step_lib.clipped_coefficient_sum(
-        cfg, subspace, matrix, x_pad, y_pad, mask_pad, threshold)
-    total_zero, _ = step_lib.clipped_coefficient_sum(
-        cfg, subspace, matrix, x_zero, y_pad, mask_pad, threshold)
-    total_real, stats_real = step_lib.clipped_coefficient_sum(
-        cfg, subspace, matrix, x_aug, y, mask, threshold)
-    assert np.all(np.isfinite(total)), (kind, path)
-    np.testing.assert_array_equal(total, total_zero)
-    np.testing.assert_allclose(total, total_real, rtol=1e-6, atol=1e-6)
-    assert int(stats.num_examples) == 6
-    assert int(stats.num_nonfinite) == 0  # padding is not counted
-    assert int(stats.num_clipped) == int(stats_real.num_clipped)
-    # The released (noisy) gradient too, with the same key.
-    key = jax.random.key(11)
-    g_pad, _ = step_lib.private_gradient(cfg, subspace, matrix, x_pad, y_pad,
-                                         mask_pad, threshold, key)
-    g_real, _ = step_lib.private_gradient(cfg, subspace, matrix, x_aug, y,
-                                          mask, threshold, key)
-    np.testing.assert_allclose(g_pad, g_real, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("kind", subspace_lib.SUBSPACE_KINDS)
-def test_nonfinite_private_example_zeroed(kind):
-  public = _public()
-  matrix = _matrix()
-  subspace = _subspace(kind, matrix, public)
-  x_aug, y, mask = _private_batch(real=6, pad=2)
-  threshold = _median_threshold(subspace, matrix, x_aug, y, mask)
-  reference, _ = step_lib.clipped_coefficient_sum(
-      _config(), subspace, matrix, x_aug, y, mask, threshold)
-  for bad in (np.nan, np.inf):
-    bad_row = linear.augment(jnp.full((1, DIM), bad, jnp.float32))
-    x_bad = jnp.concatenate([x_aug, bad_row])
-    y_bad = jnp.concatenate([y, jnp.asarray([2], jnp.int32)])
-    mask_bad = jnp.concatenate([mask, jnp.ones(1)])  # a REAL example
-    for path in step_lib.PATHS:
-      total, stats = step_lib.clipped_coefficient_sum(
-          _config(path), subspace, matrix, x_bad, y_bad, mask_bad, threshold)
-      assert np.all(np.isfinite(total)), (kind, path, bad)
-      assert int(stats.num_nonfinite) == 1, (kind, path, bad)
-      assert int(stats.num_examples) == 7
-      # Zeroed, not merely finite: the sum is that of the other examples.
-      np.testing.assert_allclose(total, reference, rtol=1e-6, atol=1e-6)
+  released = [
+      _private_gradient(cfg, subspace, matrix, x_plus, y_plus,
+                        jnp.concatenate([mask, jnp.asarray([m], jnp.float32)]),
+                        jnp.float32(c_t), jax.random.key(0))[0]
+      for m in (0.0, 1.0)]
+  diff = _diff(*released)
+  assert 0.99 * c_t <= diff <= c_t + ATOL, (kind, path, diff, c_t)
 
 
 # --- public-only quantities --------------------------------------------------
@@ -394,11 +341,10 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
           linear.augment(jnp.asarray(public_x)),
           jnp.asarray(public_y, jnp.int32), cache_gram=cached)
       for kind in ("features", "gradients"):
-        sub = private_linear.build_subspace(
-            private_linear.SubspaceSpec(kind, RANKS[kind]), w0, public)
+        sub = linear_head.initial_subspace(
+            settings.SubspaceSpec(kind, RANKS[kind]), w0, public)
         cfg = _config(adaptive_threshold=True, threshold_quantile=0.7)
-        out[kind, cached] = (sub, step_lib.public_threshold(cfg, sub, w0,
-                                                            public))
+        out[kind, cached] = (sub, _public_threshold(cfg, sub, w0, public))
     return out
 
   first, second = (public_quantities(*p) for p in private_sets)
@@ -412,33 +358,41 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
   # differs, so the recorded thresholds are live values (the check has teeth).
   # Both step forms (the dual form is the default for "gradients").
   handed = []
+  real_jit = placement_lib.cached_jit
 
-  def spy_on(real_step):
-    def spy(config, state, subspace, public, *args, **kwargs):
-      handed.append((_leaves(subspace), _leaves(public)))
-      return real_step(config, state, subspace, public, *args, **kwargs)
+  def spying_jit(mesh, fn, **kwargs):
+    jitted = real_jit(mesh, fn, **kwargs)
+    if fn is not step_lib.private_step:
+      return jitted
+
+    def spy(structure, flags, refresh, numbers, state, subspace, public,
+            *args):
+      # Step t hands over the subspace it was given (refreshed at W_t inside
+      # the step when ``refresh``) and the public data.
+      out = jitted(structure, flags, refresh, numbers, state, subspace,
+                   public, *args)
+      handed.append((_leaves(out[2]), _leaves(public)))
+      return out
     return spy
 
-  for name in ("_jitted_step", "_jitted_dual_step"):
-    monkeypatch.setattr(private_linear, name,
-                        spy_on(getattr(private_linear, name)))
-  step_cfg = step_lib.StepConfig(noise_multiplier=0.0, expected_batch_size=5.0,
+  monkeypatch.setattr(placement_lib, "cached_jit", spying_jit)
+  step_cfg = settings.StepConfig(noise_multiplier=0.0, expected_batch_size=5.0,
                                  learning_rate=1.0, adaptive_threshold=True,
                                  threshold_quantile=0.5)
   for kind, representation in (("features", "matrix"),
                                ("gradients", "matrix"),
                                ("gradients", "dual")):
-    spec = private_linear.SubspaceSpec(kind, RANKS[kind], refresh_every=1)
+    spec = settings.SubspaceSpec(kind, RANKS[kind], refresh_every=1)
     thresholds, inputs = [], []
     for private_x, private_y in private_sets:
       handed.clear()
       run = []
-      private_linear.train_private_head(
+      linear_head.train_private_head(
           private_x, private_y, public_x, public_y, anchor, step_cfg, steps=3,
           sampling_rate=1.0, coins=MechanismCoins.insecure_from_seed(0),
           ledger=accounting.PrivacyLedger(delta=1e-5), subspace=spec,
           on_step=lambda t, m: run.append(np.asarray(m.threshold)),
-          representation=representation)
+          flags=settings.PerformanceFlags(representation=representation))
       assert len(run) == len(handed) == 3
       thresholds.append(run)
       inputs.append(list(handed))
@@ -456,7 +410,7 @@ def test_threshold_and_subspace_independent_of_private_data(monkeypatch):
         x_aug=linear.augment(jnp.asarray(public_x)),
         y=jnp.asarray(public_y, jnp.int32))
     np.testing.assert_allclose(
-        run_a[0], step_lib.public_threshold(cfg, sub_direct, w0, plain_public),
+        run_a[0], _public_threshold(cfg, sub_direct, w0, plain_public),
         rtol=1e-5)
     if kind == "gradients":  # refreshed at W_t each step: W_2 differs
       assert not all(np.array_equal(x, y)
@@ -476,8 +430,8 @@ def _noise_setup(rank: int):
                                              jnp.int32))
   matrix = jnp.asarray(0.05 * rng.normal(size=(d + 1, c)), jnp.float32)
   kind = "features" if rank else "none"
-  subspace = private_linear.build_subspace(
-      private_linear.SubspaceSpec(kind, rank), matrix, public)
+  subspace = linear_head.initial_subspace(
+      settings.SubspaceSpec(kind, rank), matrix, public)
   return d, c, public, matrix, subspace
 
 
@@ -497,8 +451,8 @@ def test_noise_std_is_sigma_times_threshold():
     d, c, public, matrix, subspace = _noise_setup(rank)
     cfg = _config(noise_multiplier=sigma, expected_batch_size=batch_norm,
                   adaptive_threshold=True, threshold_quantile=0.5)
-    c_t = step_lib.public_threshold(cfg, subspace, matrix, public)
-    assert float(c_t) != cfg.clip_norm and float(c_t) > 0
+    c_t = _public_threshold(cfg, subspace, matrix, public)
+    assert float(c_t) != cfg.step.clip_norm and float(c_t) > 0
     expected = sigma * float(c_t)
 
     def coefficients(gradient):
@@ -511,9 +465,8 @@ def test_noise_std_is_sigma_times_threshold():
     rng = _rng(31)
     x_aug = linear.augment(jnp.asarray(rng.normal(size=(64, d)), jnp.float32))
     y = jnp.asarray(rng.integers(0, c, 64), jnp.int32)
-    g, stats = step_lib.private_gradient(cfg, subspace, matrix, x_aug, y,
-                                         jnp.zeros(64), c_t,
-                                         jax.random.key(32))
+    g, stats = _private_gradient(cfg, subspace, matrix, x_aug, y,
+                                 jnp.zeros(64), c_t, jax.random.key(32))
     assert int(stats.num_examples) == 0
     _check_std(coefficients(g), expected)
     if rank:  # noise lives in the subspace: k * c coordinates, not (d+1) * c
@@ -529,9 +482,8 @@ def test_noise_std_is_sigma_times_threshold():
     y_zero = jnp.zeros(64, jnp.int32)
     assert not np.any(np.asarray(linear.residuals(zero_matrix, x_zero,
                                                   y_zero)))
-    g, stats = step_lib.private_gradient(cfg, subspace, zero_matrix, x_zero,
-                                         y_zero, jnp.ones(64), c_t,
-                                         jax.random.key(33))
+    g, stats = _private_gradient(cfg, subspace, zero_matrix, x_zero, y_zero,
+                                 jnp.ones(64), c_t, jax.random.key(33))
     assert int(stats.num_examples) == 64
     _check_std(coefficients(g), expected)
 
@@ -541,13 +493,14 @@ def test_noise_std_is_sigma_times_threshold():
   cfg = _config(noise_multiplier=sigma, expected_batch_size=batch_norm,
                 learning_rate=1.0, normalize_by_threshold=False,
                 adaptive_threshold=True, threshold_quantile=0.5)
-  state = step_lib.init_state(linear.unstack(matrix), jax.random.key(34))
+  state = step_lib.init_matrix_state(linear.unstack(matrix),
+                                     jax.random.key(34))
   private_x = linear.augment(jnp.ones((4, d), jnp.float32))
   private_y = jnp.zeros(4, jnp.int32)
-  new_state, metrics = step_lib.train_step(
+  new_state, metrics = _train_step(
       cfg, state, subspace, public, private_x, private_y,
       jnp.zeros(16, jnp.int32), jnp.zeros(16), jnp.int32(0))
-  c_t = step_lib.public_threshold(cfg, subspace, matrix, public)
+  c_t = _public_threshold(cfg, subspace, matrix, public)
   assert float(metrics.threshold) == float(c_t)
   _check_std((np.asarray(matrix) - np.asarray(new_state.matrix)) * batch_norm,
              sigma * float(c_t))
@@ -566,7 +519,7 @@ def _small_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _seed_data(public_seed: int, num_public: int) -> stages.SeedData:
+def _seed_data(public_seed: int, num_public: int) -> recipe_lib.SeedData:
   d, c = 8, 3
   rng = _rng(40)
   private_x = rng.normal(size=(60, d)).astype(np.float32)
@@ -574,7 +527,7 @@ def _seed_data(public_seed: int, num_public: int) -> stages.SeedData:
   test_x = rng.normal(size=(20, d)).astype(np.float32)
   test_y = rng.integers(0, c, 20)
   pub = _rng(public_seed)
-  return stages.SeedData(
+  return recipe_lib.SeedData(
       public_x=pub.normal(size=(num_public, d)).astype(np.float32),
       public_y=pub.integers(0, c, num_public),
       private_x=private_x, private_y=private_y, test_x=test_x, test_y=test_y,
@@ -592,9 +545,10 @@ def test_dp_sgd_uses_no_public_data():
   params = {}
   for method, names in (("dp_sgd", "ab"), ("adamix", "ac")):
     for name in names:
-      params[method, name], ledger, meta = stages.train_dp_method(
-          config, method, 2.0, 0, data[name])
-      assert ledger.total_steps == meta["steps"] == 2
+      run = recipe_lib.make_recipe(config).train_dp(method, 2.0, 0,
+                                                    data[name])
+      params[method, name] = run.params
+      assert run.ledger.total_steps == run.meta["steps"] == 2
   for leaf in ("kernel", "bias"):
     np.testing.assert_array_equal(params["dp_sgd", "a"][leaf],
                                   params["dp_sgd", "b"][leaf])
@@ -608,9 +562,9 @@ def test_dp_sgd_uses_no_public_data():
 
 def _ledger_run(ledger, steps, calls, sigma=1.0, rate=0.5):
   rng = _rng(50)
-  cfg = step_lib.StepConfig(noise_multiplier=sigma,
+  cfg = settings.StepConfig(noise_multiplier=sigma,
                             expected_batch_size=rate * 16, learning_rate=1.0)
-  return private_linear.train_private_head(
+  return linear_head.train_private_head(
       rng.normal(size=(16, DIM)).astype(np.float32),
       rng.integers(0, CLASSES, 16), np.zeros((0, DIM), np.float32),
       np.zeros((0,), np.int64), linear.zeros(DIM, CLASSES), cfg, steps=steps,

@@ -17,7 +17,8 @@ import pytest
 from adamix_jax.audit import bounds
 from adamix_jax.audit import canaries as canaries_lib
 from adamix_jax.audit import run as audit_run
-from adamix_jax.train import stages
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
 
 DELTA = 1e-5
 
@@ -168,7 +169,7 @@ def test_audit_step_constants_do_not_depend_on_included_canaries(digits):
   assert cfg.expected_batch_size == pytest.approx(q * (len(data.private_y) +
                                                        100))
   assert cfg.public_weight == pytest.approx(
-      stages.public_weight(config, data))
+      recipe_lib.make_recipe(config).public_weight(data))
   assert cfg.noise_multiplier == 2.0 and cfg.adaptive_threshold
 
 

@@ -21,9 +21,10 @@ from adamix_jax.features import cache
 from adamix_jax.features import extract
 from adamix_jax.models import base as models_base
 from adamix_jax.models import registry
-from adamix_jax.train import stages
-from experiments.configs import base as base_config
-from experiments.configs import digits
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.configs import base as base_config
+from adamix_jax.configs import digits
 
 
 def _write_npz_features(path: pathlib.Path, **changes: np.ndarray) -> str:
@@ -170,7 +171,7 @@ def test_bad_input_privacy_parameters(field, value, message):
   config = base_config.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    stages.validate_config(config)
+    recipe_lib.validate_config(config)
 
 
 def test_bad_input_delta_at_least_one_over_n_private():
@@ -179,17 +180,17 @@ def test_bad_input_delta_at_least_one_over_n_private():
   with pytest.raises(ValueError, match=r"delta=0\.01 >= 1/n_private = 1/100: "
                      r"a mechanism that publishes one random private example "
                      r".*allow_large_delta=True"):
-    stages.check_delta(config, 100)
-  stages.check_delta(config, 50)  # 0.01 < 1/50 is fine...
+    recipe_lib.check_delta(config, 100)
+  recipe_lib.check_delta(config, 50)  # 0.01 < 1/50 is fine...
   config.allow_large_delta = True
-  stages.check_delta(config, 100)  # ...and so is an explicit opt-in.
+  recipe_lib.check_delta(config, 100)  # ...and so is an explicit opt-in.
 
 
 def test_bad_input_no_private_examples():
   config = base_config.get_config()
   with pytest.raises(ValueError, match=r"No private examples.*Lower "
                      r"config\.public_per_class"):
-    stages.check_delta(config, 0)
+    recipe_lib.check_delta(config, 0)
 
 
 # --- 7. unknown names ---------------------------------------------------------
@@ -209,7 +210,7 @@ def test_bad_input_unknown_dataset():
   config.dataset = "imagenet"
   with pytest.raises(ValueError, match=r"Unknown config\.dataset 'imagenet'; "
                      "known datasets: ") as info:
-    stages.validate_config(config)
+    recipe_lib.validate_config(config)
   _assert_lists_all(str(info.value), data.KNOWN_SOURCES)
 
 
@@ -221,7 +222,7 @@ def test_bad_input_unknown_backbone():
   config.backbone = "vit_h14"
   with pytest.raises(ValueError, match=r"Unknown config\.backbone 'vit_h14'; "
                      "known backbones: ") as info:
-    stages.validate_config(config)
+    recipe_lib.validate_config(config)
   _assert_lists_all(str(info.value), registry.KNOWN_BACKBONES)
 
 
@@ -230,7 +231,7 @@ def test_bad_input_unknown_method():
   config.methods = ("adamix", "dpsgd")
   with pytest.raises(ValueError, match=r"Unknown method\(s\) \['dpsgd'\]; "
                      "known methods: ") as info:
-    stages.validate_config(config)
+    recipe_lib.validate_config(config)
   _assert_lists_all(str(info.value), stages.METHODS)
 
 

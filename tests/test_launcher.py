@@ -18,8 +18,10 @@ import sys
 import pytest
 
 from adamix_jax.privacy import accounting
-from adamix_jax.train import stages
-from experiments.configs import digits
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.experiment import workdir as workdir_lib
+from adamix_jax.configs import digits
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"dataset", "method", "epsilon", "delta", "seed",
@@ -82,7 +84,7 @@ def test_launcher_end_to_end_digits_small(digits_run):
   expected = {("paragon", None, 0), ("public_only", None, 0)}
   expected |= {(m, eps, 0) for m in stages.DP_METHODS for eps in EPSILONS}
   assert sorted(map(_key, saved), key=str) == sorted(expected, key=str)
-  steps = stages.num_steps(config)
+  steps = recipe_lib.num_steps(config)
   for record in saved:
     keys = set(record)
     assert RESULT_KEYS <= keys, (record, RESULT_KEYS - keys)
@@ -164,9 +166,9 @@ def test_launcher_resume_skips_finished_runs(digits_run, tmp_path):
 def test_launcher_refuses_different_config_in_same_workdir(digits_run):
   _, workdir, _ = digits_run
   before = _snapshot(workdir)
-  with pytest.raises(stages.ConfigMismatchError, match="cv_folds"):
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="cv_folds"):
     stages.run(_small_config(cv_folds=3), workdir)
-  with pytest.raises(stages.ConfigMismatchError, match="train"):
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="train"):
     stages.run(_small_config(**{"train.epochs": 4}), workdir)
   assert _snapshot(workdir) == before  # nothing in the workdir was changed
 
@@ -206,8 +208,8 @@ def test_launcher_cli_runs(tmp_path):
   workdir = tmp_path / "cli"
   # ml_collections parses a tuple override with ast.literal_eval and wraps a
   # scalar: --config.seeds=0 gives (0,), --config.epsilons=1 gives (1,).
-  command = [sys.executable, "-m", "launch.main", "--workdir", str(workdir),
-             "--config", "experiments/configs/digits.py", "--config.seeds=0",
+  command = [sys.executable, "-m", "adamix_jax.launch.main", "--workdir",
+             str(workdir), "--config", "digits", "--config.seeds=0",
              "--config.epsilons=1", "--config.train.epochs=2",
              "--config.cv_folds=2", "--config.progress=False"]
   result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
@@ -231,4 +233,4 @@ def test_launcher_cli_runs(tmp_path):
       assert record["steps"] == max(1, round(2 / default_rate))
       assert 0 < record["epsilon_spent"] <= 1.0
   with open(workdir / "results.md") as f:
-    assert "launch.main" in f.read()  # the command that made the numbers
+    assert "adamix-train" in f.read()  # the command that made the numbers

@@ -1,4 +1,4 @@
-"""Data parallelism keeps the DESIGN.md invariants (8 simulated CPU devices).
+"""Data parallelism keeps the privacy invariants (8 simulated CPU devices).
 
 * The same private step (linear-head AdaMix; full-model DP-SGD and AdaMix on
   a small CNN) on 8 devices and on 1 device, with the same key and batch,
@@ -25,14 +25,14 @@ import optax
 import pytest
 from sklearn import datasets
 
-from adamix_jax import parallel
-from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import settings
 from adamix_jax.models import cnn
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
-from adamix_jax.train import full_model
-from adamix_jax.train import private_linear
 from adamix_jax.privacy.randomness import MechanismCoins
+from adamix_jax.privacy.sampler import PaddedBatch
+from adamix_jax.train import full_model
+from adamix_jax.train import linear_head
 from multidevice_helpers import assert_noise_std as _assert_noise_std
 from multidevice_helpers import flat as _flat
 
@@ -56,40 +56,35 @@ def _linear_problem(seed=0, n=300, d=16, c=4, n_pub=20):
   return x, y, xp, yp, w0
 
 
-def _linear_step(mesh, config, spec, x, y, xp, yp, w0, indices, mask):
-  """One sharded step from the anchor; returns W~_1 as numpy."""
-  state = parallel.init_state(
-      w0, parallel.replicated_key(jax.random.key(3), mesh), mesh)
-  public = parallel._public_data_fn(mesh, spec.kind == "gradients")(
-      *parallel.replicate((np.asarray(linear.augment(jnp.asarray(xp))),
-                           yp.astype(np.int32)), mesh))
-  private = parallel.replicate(
-      (np.asarray(linear.augment(jnp.asarray(x))), y.astype(np.int32)), mesh)
-  sub = parallel._build_subspace_fn(mesh, spec)(state.matrix, public, None)
-  idx, m = parallel.shard_batch((indices.astype(np.int32), mask), mesh)
-  new, metrics = parallel.sharded_step_fn(mesh, config)(
-      state, sub, public, private[0], private[1], idx, m,
-      parallel.replicate(np.int32(0), mesh),
-      parallel.replicate(np.ones(1, np.float32), mesh), None)
-  return np.asarray(new.matrix), metrics
+def _linear_step(mesh, config, spec, x, y, xp, yp, w0, indices, mask,
+                 flags=settings.PerformanceFlags()):
+  """One step of the linear-head program on ``mesh``; returns W~_1."""
+  program = linear_head.LinearHeadProgram(
+      x, y, xp, yp, w0, config, steps=1, sampling_rate=0.5, subspace=spec,
+      flags=flags, mesh=mesh)
+  state = program.init(MechanismCoins.insecure_from_seed(3))
+  batch = PaddedBatch(indices=indices, mask=mask, size=int(mask.sum()))
+  (head, _), metrics = program.step(0, state, batch)
+  return np.asarray(head.matrix), metrics
 
 
 @pytest.mark.parametrize("path", ["closed_form", "vmap"])
 def test_multidevice_linear_adamix_step_matches_single_device(meshes, path):
   one, eight = meshes
   x, y, xp, yp, w0 = _linear_problem()
-  config = step_lib.StepConfig(
+  config = settings.StepConfig(
       noise_multiplier=SIGMA, expected_batch_size=40.0, learning_rate=1.0,
-      adaptive_threshold=True, public_weight=0.1, pull=0.01, path=path)
-  spec = private_linear.SubspaceSpec("gradients", 6)
+      adaptive_threshold=True, public_weight=0.1, pull=0.01)
+  flags = settings.PerformanceFlags(path=path, representation="matrix")
+  spec = settings.SubspaceSpec("gradients", 6)
   rng = np.random.default_rng(1)
   indices = np.zeros(64, np.int64)
   indices[:57] = rng.choice(len(y), 57, replace=False)
   mask = (np.arange(64) < 57).astype(np.float32)
   w_one, m_one = _linear_step(one, config, spec, x, y, xp, yp, w0, indices,
-                              mask)
+                              mask, flags)
   w_eight, m_eight = _linear_step(eight, config, spec, x, y, xp, yp, w0,
-                                  indices, mask)
+                                  indices, mask, flags)
   start = np.asarray(linear.stack(w0))
   assert np.abs(w_one - start).max() > 1e-3  # the step did something
   np.testing.assert_allclose(w_eight, w_one, atol=ATOL)
@@ -105,21 +100,23 @@ def test_multidevice_train_private_head_sharded_matches_single_device(
   """The whole loop: same sampler indices, same noise; only padding differs."""
   _, eight = meshes
   x, y, xp, yp, w0 = _linear_problem(n=203)
-  config = step_lib.StepConfig(noise_multiplier=SIGMA,
+  config = settings.StepConfig(noise_multiplier=SIGMA,
                                expected_batch_size=0.3 * 203,
                                learning_rate=1.0, adaptive_threshold=True)
   kwargs = dict(steps=6, sampling_rate=0.3, average_tail=0.5,
                 coins=MechanismCoins.insecure_from_seed(5),
                 lr_schedule="cosine",
-                subspace=private_linear.SubspaceSpec("gradients", 5, 2,
-                                                     method=method),
-                cache_private_kernel=cache_kernel)
+                subspace=settings.SubspaceSpec("gradients", 5, 2,
+                                               method=method),
+                flags=settings.PerformanceFlags(
+                    representation="matrix",
+                    cache_private_kernel=cache_kernel))
   ledgers = [accounting.PrivacyLedger(1e-5) for _ in range(2)]
-  single = private_linear.train_private_head(x, y, xp, yp, w0, config,
-                                             ledger=ledgers[0], **kwargs)
-  sharded = parallel.train_private_head_sharded(x, y, xp, yp, w0, config,
-                                                ledger=ledgers[1], mesh=eight,
-                                                **kwargs)
+  single = linear_head.train_private_head(x, y, xp, yp, w0, config,
+                                          ledger=ledgers[0], **kwargs)
+  sharded = linear_head.train_private_head(x, y, xp, yp, w0, config,
+                                           ledger=ledgers[1], mesh=eight,
+                                           **kwargs)
   for key in ("kernel", "bias"):
     np.testing.assert_allclose(sharded[key], single[key], atol=ATOL)
   assert ledgers[0].total_steps == ledgers[1].total_steps == 6
@@ -129,7 +126,7 @@ def test_multidevice_linear_noise_std_is_sigma_c(meshes):
   """All-padding batch on 8 devices: W~_1 - W~_0 is the noise alone."""
   _, eight = meshes
   d, c = 499, 100  # (d+1) * c = 50,000 noise coordinates
-  config = step_lib.StepConfig(noise_multiplier=SIGMA, expected_batch_size=1.0,
+  config = settings.StepConfig(noise_multiplier=SIGMA, expected_batch_size=1.0,
                                learning_rate=1.0, clip_norm=CLIP,
                                normalize_by_threshold=False)
   rng = np.random.default_rng(0)
@@ -137,7 +134,7 @@ def test_multidevice_linear_noise_std_is_sigma_c(meshes):
   w0 = {"kernel": np.zeros((d, c), np.float32),
         "bias": np.zeros(c, np.float32)}
   no_labels = np.zeros(0, np.int64)
-  w1, metrics = _linear_step(eight, config, private_linear.SubspaceSpec(),
+  w1, metrics = _linear_step(eight, config, settings.SubspaceSpec(),
                              x, np.zeros(64, np.int64), x[:0], no_labels,
                              w0, np.arange(64), np.zeros(64, np.float32))
   assert int(metrics.batch_size) == 0
@@ -156,16 +153,18 @@ def _digits_images():
 TINY_CNN = cnn.SmallCNN(channels=(4, 8), hidden=16)
 
 
-def _cnn_step(mesh, config, optimizer, params, public, batch, rank):
-  loss_fn = full_model.classification_loss(TINY_CNN)
-  state = full_model.init_state(params, optimizer, jax.random.key(7), mesh)
-  public = full_model.place_public(*public, mesh)
-  basis = None
-  if rank:
-    basis = full_model._basis_fn(loss_fn, rank, mesh)(state.params, public)
-  new, metrics = full_model.make_train_step(config, loss_fn, optimizer, mesh)(
-      state, public, basis, *full_model.place_batch(*batch, mesh))
-  return _flat(new.params), metrics
+def _cnn_step(mesh, config, subspace, flags, optimizer, params, public,
+              batch):
+  x, y, mask = batch
+  program = full_model.FullModelProgram(
+      full_model.classification_loss(TINY_CNN), params, x, y, *public, config,
+      optimizer, steps=1, sampling_rate=0.5, subspace=subspace, flags=flags,
+      mesh=mesh)
+  state = program.init(MechanismCoins.insecure_from_seed(7))
+  padded = PaddedBatch(indices=np.arange(len(y)), mask=mask,
+                       size=int(mask.sum()))
+  state, metrics = program.step(0, state, padded)
+  return _flat(state.params), metrics
 
 
 @pytest.mark.parametrize("method", ["dp_sgd", "adamix"])
@@ -178,23 +177,28 @@ def test_multidevice_full_model_step_matches_single_device(meshes, method):
   mask = (np.arange(batch_size) < real).astype(np.float32)
   batch = (x[100:100 + batch_size], y[100:100 + batch_size], mask)
   public = (x[:30], y[:30])
+  flags = settings.PerformanceFlags()
+  subspace = settings.SubspaceSpec()
   if method == "dp_sgd":
-    config = full_model.FullModelConfig(noise_multiplier=SIGMA,
-                                        expected_batch_size=60.0, clip_norm=0.5)
-    rank, public = 0, (x[:0], y[:0])
+    config = settings.StepConfig(noise_multiplier=SIGMA,
+                                 expected_batch_size=60.0, clip_norm=0.5,
+                                 normalize_by_threshold=False)
+    public = (x[:0], y[:0])
   else:  # projection, adaptive threshold, public gradient, microbatches
-    config = full_model.FullModelConfig(
+    config = settings.StepConfig(
         noise_multiplier=SIGMA, expected_batch_size=60.0,
-        adaptive_threshold=True, projection_rank=8, public_weight=0.1,
-        normalize_by_threshold=True, microbatch_size=4)
-    rank = 8
-  p_one, m_one = _cnn_step(one, config, optimizer, params, public, batch, rank)
-  p_eight, m_eight = _cnn_step(eight, config, optimizer, params, public, batch,
-                               rank)
+        adaptive_threshold=True, public_weight=0.1,
+        normalize_by_threshold=True)
+    subspace = settings.SubspaceSpec("gradients", 8)
+    flags = settings.PerformanceFlags(microbatch_size=4)
+  run = lambda mesh: _cnn_step(mesh, config, subspace, flags, optimizer,
+                               params, public, batch)
+  p_one, m_one = run(one)
+  p_eight, m_eight = run(eight)
   assert np.abs(p_one - _flat(params)).max() > 1e-3
   np.testing.assert_allclose(p_eight, p_one, atol=ATOL)
   if method == "adamix":  # and the plain-jit path (no mesh, no shard_map)
-    p_none, _ = _cnn_step(None, config, optimizer, params, public, batch, rank)
+    p_none, _ = run(None)
     np.testing.assert_allclose(p_none, p_one, atol=ATOL)
   assert int(m_eight.batch_size) == int(m_one.batch_size) == real
   assert int(m_eight.num_clipped) == int(m_one.num_clipped) > 0

@@ -23,10 +23,14 @@ import optax
 from sklearn import datasets
 
 from adamix_jax import parallel
+from adamix_jax.adamix import settings
+from adamix_jax.adamix import transform
 from adamix_jax.models import cnn
 from adamix_jax.privacy import accounting
-from adamix_jax.train import full_model
+from adamix_jax.privacy import mechanism
 from adamix_jax.privacy.randomness import MechanismCoins
+from adamix_jax.privacy.sampler import PaddedBatch
+from adamix_jax.train import full_model
 from multidevice_helpers import assert_noise_std as _assert_noise_std
 from multidevice_helpers import flat as _flat
 
@@ -55,15 +59,14 @@ def test_multidevice_full_model_noise_std_is_sigma_c(meshes):
   model = _Wide()
   x, y = _digits_images()
   params = model.init(jax.random.key(0), x[:1])["params"]
-  config = full_model.FullModelConfig(noise_multiplier=SIGMA,
-                                      expected_batch_size=1.0, clip_norm=CLIP)
-  loss_fn = full_model.classification_loss(model)
-  optimizer = optax.sgd(1.0)
-  state = full_model.init_state(params, optimizer, jax.random.key(11),
-                                 eight)
-  new, metrics = full_model.make_train_step(config, loss_fn, optimizer, eight)(
-      state, full_model.place_public(x[:0], y[:0], eight), None,
-      *full_model.place_batch(x[:64], y[:64], np.zeros(64), eight))
+  config = settings.StepConfig(noise_multiplier=SIGMA, expected_batch_size=1.0,
+                               clip_norm=CLIP, normalize_by_threshold=False)
+  program = full_model.FullModelProgram(
+      full_model.classification_loss(model), params, x[:64], y[:64], x[:0],
+      y[:0], config, optax.sgd(1.0), steps=1, sampling_rate=0.5, mesh=eight)
+  state = program.init(MechanismCoins.insecure_from_seed(11))
+  new, metrics = program.step(0, state, PaddedBatch(
+      indices=np.arange(64), mask=np.zeros(64, np.float32), size=0))
   assert int(metrics.batch_size) == 0
   _assert_noise_std(_flat(params) - _flat(new.params), SIGMA * CLIP)
 
@@ -80,9 +83,9 @@ def test_multidevice_cnn_digits_dp_sgd_sensitivity_and_ledger(meshes):
   private_x, private_y = x[100:500], y[100:500]
   steps, q, delta, target = 4, 0.1, 1e-5, 3.0
   sigma = accounting.calibrate_noise_multiplier(target, delta, q, steps)
-  config = full_model.FullModelConfig(noise_multiplier=sigma,
-                                      expected_batch_size=q * len(private_y),
-                                      clip_norm=CLIP)
+  config = settings.StepConfig(noise_multiplier=sigma,
+                               expected_batch_size=q * len(private_y),
+                               clip_norm=CLIP)
   ledger = accounting.PrivacyLedger(delta, target)
   seen = []
   trained = full_model.train_full_model(
@@ -103,19 +106,26 @@ def test_multidevice_cnn_digits_dp_sgd_sensitivity_and_ledger(meshes):
   with_x = np.ones(64, np.float32)
   without_x = with_x.copy()
   without_x[5] = 0.0
-  public = full_model.place_public(private_x[300:330], private_y[300:330],
-                                   eight)
-  basis = full_model._basis_fn(loss_fn, 6, eight)(
-      parallel.replicate(trained, eight), public)
+  public = parallel.replicate(
+      (private_x[300:330], private_y[300:330].astype(np.int32)), eight)
+  replicated = parallel.replicate(trained, eight)
+  public_grads = jax.jit(lambda p, pub: jax.vmap(transform.flatten)(
+      full_model.per_example.per_example_grads(loss_fn, p, pub)))(
+          replicated, public)
+  basis = transform.gradient_basis(public_grads, 6)
   sharded = lambda tree: parallel.shard_batch(
       jax.tree_util.tree_map(np.asarray, tree), eight)
-  clipped = jax.jit(full_model.clipped_sum,
-                    static_argnames=("loss_fn", "microbatch_size", "mesh"))
+  flags = settings.PerformanceFlags(microbatch_size=4)
+
+  @jax.jit
+  def clipped(params, batch, mask, clip, basis):
+    make = full_model.contributions_fn(loss_fn, params, batch, flags, eight)
+    return mechanism.clipped_sum(make(basis), clip, mask)
+
   for b in (None, basis):
     for clip, bounded in ((CLIP, True), (1e6, False)):
-      sums = [clipped(loss_fn, parallel.replicate(trained, eight),
-                      sharded(batch), sharded(m), jnp.float32(clip), b,
-                      microbatch_size=4, mesh=eight)[0]
+      sums = [clipped(replicated, sharded(batch), sharded(m),
+                      jnp.float32(clip), b)[0]
               for m in (with_x, without_x)]
       if b is not None:  # the released parameter-space sums: V c
         sums = [np.asarray(b) @ np.asarray(s) for s in sums]

@@ -93,12 +93,23 @@ def test_per_example_microbatched_clipped_sum_matches_full(microbatch_size):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("microbatch_size", [5, 7, 8])
-def test_per_example_microbatch_not_dividing_batch_raises(microbatch_size):
+@pytest.mark.parametrize("microbatch_size", [5, 7, 9])
+def test_per_example_microbatch_not_dividing_batch_pads_masked_rows(
+    microbatch_size):
+  """The last slice is padded with masked zero rows: the same sum and stats
+  as all at once (the padding adds nothing and is not counted)."""
   params, batch = _setup()
-  with pytest.raises(ValueError, match="divide"):
-    privacy.clipped_grad_sum(_loss_fn, params, batch, 1.0,
-                             microbatch_size=microbatch_size)
+  size = batch["y"].shape[0]
+  assert size % microbatch_size
+  mask = jnp.asarray((np.arange(size) % 3 != 1).astype(np.float32))
+  micro, micro_stats = privacy.clipped_grad_sum(
+      _loss_fn, params, batch, 0.3, mask, microbatch_size=microbatch_size)
+  direct, stats = privacy.clipped_grad_sum(_loss_fn, params, batch, 0.3, mask)
+  for a, b in zip(jax.tree_util.tree_leaves(micro),
+                  jax.tree_util.tree_leaves(direct)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(micro_stats.num_examples) == int(stats.num_examples)
+  assert int(micro_stats.num_clipped) == int(stats.num_clipped)
 
 
 def test_per_example_mismatched_batch_leaves_raise():

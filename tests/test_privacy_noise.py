@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 2: N(0, (sigma C)^2) added ONCE to the global sum.
+"""Invariant 2 (docs/design.md): N(0, (sigma C)^2) added ONCE to the global sum.
 
 The released gradient is (clipped sum + N(0, (sigma C)^2 I)) / normalizer:
 its noise has standard deviation sigma * C / normalizer, never
@@ -35,13 +35,23 @@ def _flat(tree) -> np.ndarray:
                          for x in jax.tree_util.tree_leaves(tree)])
 
 
+def _privatized_zeros(tree, key, clip_norm, noise_multiplier, normalizer):
+  """The mechanism's release for a batch whose clipped sum is ``tree``-shaped
+  zeros (one all-padding example): pure noise / normalizer."""
+  one = jax.tree_util.tree_map(lambda x: x[None], tree)
+  released, _ = privacy.privatize(
+      privacy.PerExampleGradients.create(one), clip_norm, jnp.zeros(1), key,
+      noise_multiplier=noise_multiplier, normalizer=normalizer)
+  return released
+
+
 def _ks_pvalue(samples: np.ndarray, std: float) -> float:
   return float(stats.kstest(samples / std, "norm").pvalue)
 
 
 def test_noise_privatize_sum_is_gaussian_with_std_sigma_c():
-  noisy = privacy.privatize_sum(_zeros_tree(), jax.random.key(11), CLIP, SIGMA,
-                                normalizer=1.0)
+  noisy = _privatized_zeros(_zeros_tree(), jax.random.key(11), CLIP, SIGMA,
+                            normalizer=1.0)
   samples = _flat(noisy)
   assert samples.size == 12_000 + 60 + 840
   std = SIGMA * CLIP
@@ -52,8 +62,8 @@ def test_noise_privatize_sum_is_gaussian_with_std_sigma_c():
   assert _ks_pvalue(samples, std * 3 / 2) < 1e-6
   # ... and so is an engine that used 2/3 or 3/2 of the right sigma.
   for factor in (2 / 3, 3 / 2):
-    wrong = privacy.privatize_sum(_zeros_tree(), jax.random.key(11), CLIP,
-                                  SIGMA * factor, normalizer=1.0)
+    wrong = _privatized_zeros(_zeros_tree(), jax.random.key(11), CLIP,
+                              SIGMA * factor, normalizer=1.0)
     assert _ks_pvalue(_flat(wrong), std) < 1e-6
 
 
@@ -104,7 +114,7 @@ def test_noise_added_once_independent_of_batch_size():
 
 def test_noise_leaves_get_independent_draws():
   tree = {"a": jnp.zeros((4000,)), "b": jnp.zeros((4000,))}
-  noisy = privacy.privatize_sum(tree, jax.random.key(0), 1.0, 1.0, 1.0)
+  noisy = _privatized_zeros(tree, jax.random.key(0), 1.0, 1.0, 1.0)
   a, b = np.asarray(noisy["a"]), np.asarray(noisy["b"])
   assert not np.allclose(a, b)
   assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(4000)
@@ -150,7 +160,7 @@ def test_noise_same_key_reproduces_same_noise():
   out, _ = other.update(grads, other.init(None))
   assert not np.allclose(_flat(out), runs[0][0])
   # The legacy uint32 key works too and is just as deterministic.
-  legacy = [privacy.privatize_sum(grads, jax.random.PRNGKey(1), 1.0, 1.0, 1.0)
+  legacy = [_privatized_zeros(grads, jax.random.PRNGKey(1), 1.0, 1.0, 1.0)
             for _ in range(2)]
   np.testing.assert_array_equal(_flat(legacy[0]), _flat(legacy[1]))
 

@@ -18,7 +18,7 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     text = f.read()
   bash_blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
   assert len(bash_blocks) == 2, "README must give exactly two set-up commands"
-  assert "launch.main" in bash_blocks[0]
+  assert "adamix-train" in bash_blocks[0]
   test_command = bash_blocks[1].strip()
   assert "pytest" in test_command
   ci = open(os.path.join(os.path.dirname(README), ".ci", "run")).read()

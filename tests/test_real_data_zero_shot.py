@@ -10,25 +10,17 @@ zero-shot text head and adamix starts from it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
-from adamix_jax.train import io
-from adamix_jax.train import stages
+from adamix_jax import io
+from adamix_jax.experiment import stages
 import tiny_models
 
-# The launcher's defaults, loaded by path like --config does (``experiments``
-# is not an installed package).
-_BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "experiments", "configs", "base.py")
-_spec = importlib.util.spec_from_file_location("_adamix_base_config",
-                                               _BASE_CONFIG)
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from adamix_jax.configs import base
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -91,7 +83,8 @@ def test_real_data_zero_shot_run_starts_adamix_from_clip_text_head(
 
   # Record the head each private run starts from.
   starts = []
-  original = stages.private_linear.train_private_head
+  from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
+  original = linear_head.train_private_head
 
   def recording(private_x, private_y, public_x, public_y, anchor_params,
                 *args, **kwargs):
@@ -101,7 +94,7 @@ def test_real_data_zero_shot_run_starts_adamix_from_clip_text_head(
     return original(private_x, private_y, public_x, public_y, anchor_params,
                     *args, **kwargs)
 
-  monkeypatch.setattr(stages.private_linear, "train_private_head", recording)
+  monkeypatch.setattr(linear_head, "train_private_head", recording)
 
   config = _config(tiny_clip_dir, image_folder, str(tmp_path / "cache"))
   workdir = str(tmp_path / "run")

@@ -29,14 +29,15 @@ import time
 import numpy as np
 import pytest
 
-from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import settings
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
-from adamix_jax.train import io
-from adamix_jax.train import private_linear
-from adamix_jax.train import stages
-from experiments.configs import digits
+from adamix_jax import io
+from adamix_jax.train import linear_head
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ("private", "adamix", "eps_1", "seed_0")
@@ -47,8 +48,9 @@ RUN = ("private", "adamix", "eps_1", "seed_0")
 _DRIVER = """
 import json, sys, time
 from adamix_jax.privacy import sampler
-from adamix_jax.train import stages
-from experiments.configs import digits
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.configs import digits
 batch = sampler.PoissonSampler.batch
 def slow_batch(self, t):
   time.sleep(0.01)
@@ -81,7 +83,7 @@ def test_secret_randomness_sigkill_resume_matches_uninterrupted_run(
   checkpoint: it ends where an uninterrupted run WITH THOSE COINS ends (a
   resume that drew fresh coins, or derived them from the seed, would not)."""
   config = _config()
-  steps = stages.num_steps(config)
+  steps = recipe_lib.num_steps(config)
   killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
   stages.run(config, killed, stages=["features", "public_init"])
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -159,9 +161,9 @@ def _problem(seed=0, n=240, n_pub=20, d=12, c=4):
 
 
 def _train(problem, directory, *, crash_at=None, representation="matrix",
-           ledger=None, placement=None, steps=40):
+           ledger=None, mesh=None, steps=40):
   x, y, px, py, anchor = problem
-  config = step_lib.StepConfig(
+  config = settings.StepConfig(
       noise_multiplier=1.3, expected_batch_size=0.25 * len(y),
       learning_rate=0.5, adaptive_threshold=True, public_weight=0.1)
   ledger = ledger or accounting.PrivacyLedger(1e-5, target_epsilon=50.0)
@@ -171,15 +173,15 @@ def _train(problem, directory, *, crash_at=None, representation="matrix",
       raise _Crash()
 
   with checkpoint_lib.RunCheckpointer(directory, every_steps=7) as ckpt:
-    params = private_linear.train_private_head(
+    params = linear_head.train_private_head(
         x, y, px, py, anchor, config, steps=steps, sampling_rate=0.25,
         coins=randomness.MechanismCoins.insecure_from_seed(3),
         ledger=ledger,
-        subspace=private_linear.SubspaceSpec("gradients", 6, refresh_every=5,
-                                             method="iterative"),
+        subspace=settings.SubspaceSpec("gradients", 6, refresh_every=5,
+                                       method="iterative"),
         lr_schedule="cosine", on_step=on_step,
-        representation=representation, placement=placement,
-        checkpointer=ckpt)
+        flags=settings.PerformanceFlags(representation=representation),
+        mesh=mesh, checkpointer=ckpt)
   return params, ledger
 
 
@@ -209,14 +211,12 @@ def test_resume_continues_the_checkpoint_ledger_and_run(tmp_path,
 
 
 def test_resume_on_a_mesh_matches_one_device(tmp_path, meshes):
-  from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
   problem = _problem()
   reference, _ = _train(problem, str(tmp_path / "ref"))
   directory = str(tmp_path / "ckpt")
-  placement = parallel.MeshPlacement(meshes[1])
   with pytest.raises(_Crash):
-    _train(problem, directory, crash_at=20, placement=placement)
-  params, ledger = _train(problem, directory, placement=placement)
+    _train(problem, directory, crash_at=20, mesh=meshes[1])
+  params, ledger = _train(problem, directory, mesh=meshes[1])
   assert ledger.total_steps == 40
   for name in ("kernel", "bias"):
     np.testing.assert_allclose(params[name], reference[name], rtol=0,
@@ -307,9 +307,9 @@ def test_resume_full_model_with_momentum_and_projection(tmp_path):
   model = cnn.SmallCNN(channels=(4, 8), hidden=16)
   loss_fn = full_model.classification_loss(model)
   params = model.init(jax.random.key(1), x[:1])["params"]
-  config = full_model.FullModelConfig(
+  config = settings.StepConfig(
       noise_multiplier=1.1, expected_batch_size=0.1 * 300, clip_norm=1.0,
-      adaptive_threshold=True, projection_rank=4, refresh_every=3)
+      adaptive_threshold=True)
 
   def train(directory, crash_at=None):
     ledger = accounting.PrivacyLedger(1e-5, target_epsilon=50.0)
@@ -323,6 +323,7 @@ def test_resume_full_model_with_momentum_and_projection(tmp_path):
           loss_fn, params, x[100:400], y[100:400], x[:20], y[:20], config,
           optax.sgd(0.5, momentum=0.9), steps=10, sampling_rate=0.1,
           coins=randomness.MechanismCoins.insecure_from_seed(0),
+          subspace=settings.SubspaceSpec("gradients", 4, refresh_every=3),
           ledger=ledger, on_step=on_step, checkpointer=ckpt)
     return out, ledger
 

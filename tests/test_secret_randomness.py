@@ -25,9 +25,9 @@ import pytest
 
 from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
-from adamix_jax.train import io
-from adamix_jax.train import stages
-from experiments.configs import digits
+from adamix_jax import io
+from adamix_jax.experiment import stages
+from adamix_jax.configs import digits
 
 DP_METHODS = ("dp_sgd", "adamix")
 

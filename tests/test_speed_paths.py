@@ -8,11 +8,11 @@
   private-public kernel and logits, subspace refreshed inside the step)
   equals the matrix-form closed form and the explicit vmap path over several
   steps, refreshes included; its sensitivity is C_t, and padding contributes
-  nothing (DESIGN.md invariant 1); its caches are functions of the data and
+  nothing (invariant 1); its caches are functions of the data and
   the public start only, and C_t and the subspace it uses do not depend on
   private data (invariant 3).
 * The vmap path in microbatches (any batch size: padded with masked rows)
-  and the contraction-form clipped sum equal the unbatched ones.
+  equals the unbatched one.
 """
 
 from __future__ import annotations
@@ -24,20 +24,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import linear_step as step_lib
+from adamix_jax.adamix import settings
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
-from adamix_jax.privacy import clipping
-from adamix_jax.train import private_linear
+from adamix_jax.privacy import mechanism
 from adamix_jax.privacy.randomness import MechanismCoins
+from adamix_jax.train import linear_head
 
 DIM, CLASSES, NUM_PUBLIC = 9, 5, 14
 ATOL = 1e-5
 
-_train_step = jax.jit(step_lib.train_step, static_argnums=(0,))
-_dual_step = jax.jit(step_lib.dual_train_step, static_argnums=(0, 10))
-_build = jax.jit(private_linear.build_subspace, static_argnums=(0,))
+_private_step = jax.jit(step_lib.private_step, static_argnums=(0, 1, 2))
+_build = jax.jit(linear_head.initial_subspace, static_argnums=(0,))
+_LR = jnp.ones((64,), jnp.float32)  # lr multipliers: 1 at every step
+
+
+def _step(config, flags, refresh, state, sub, public, private, indices, mask,
+          cache=None, average_from=1):
+  return _private_step(config.structure(), flags, refresh, config.numbers(),
+                       state, sub, public, private, indices, mask,
+                       jnp.int32(average_from), _LR, cache)
 
 
 def _rng(seed):
@@ -149,18 +157,18 @@ def test_iterative_basis_handles_rank_deficient_gradients():
 # --- dual form == matrix closed form == vmap ------------------------------------
 
 
-def _run_matrix(config, spec, public, private_x, private_y, batches,
+def _run_matrix(config, flags, spec, public, private_x, private_y, batches,
                 anchor, start, kernel=None):
   """The matrix-form loop (as train_private_head runs it), step by step."""
-  state = step_lib.init_state(anchor, jax.random.key(7), init_params=start)
-  sub = _build(spec, state.matrix, public, None, None)
+  state = step_lib.init_matrix_state(anchor, jax.random.key(7),
+                                     init_params=start)
+  sub = _build(spec, state.matrix, public, None)
+  private = step_lib.PrivateData(x_aug=private_x, y=private_y, kernel=kernel)
   out = []
   for t, (indices, mask) in enumerate(batches):
-    if t and t % spec.refresh_every == 0:
-      sub = _build(spec, state.matrix, public, None, sub)
-    state, metrics = _train_step(config, state, sub, public, private_x,
-                                 private_y, indices, mask, jnp.int32(1),
-                                 jnp.float32(1.0), kernel)
+    refresh = spec if t and t % spec.refresh_every == 0 else None
+    state, metrics, sub = _step(config, flags, refresh, state, sub, public,
+                                private, indices, mask)
     out.append((np.asarray(state.matrix), np.asarray(state.average),
                 float(metrics.threshold), int(metrics.num_clipped)))
   return out
@@ -170,16 +178,14 @@ def _run_dual(config, spec, public, private_x, private_y, batches, anchor,
               start):
   state, cache = step_lib.init_dual(anchor, public, private_x,
                                     jax.random.key(7), init_params=start)
-  sub = _build(spec, step_lib.dual_matrix(state, cache, public), public, None,
-               None)
-  refresh = step_lib.BasisRefresh(spec.rank, spec.method, spec.iterations,
-                                  spec.oversample)
+  sub = _build(spec, step_lib.dual_matrix(state, cache, public), public, None)
+  private = step_lib.PrivateData(x_aug=private_x, y=private_y)
   out = []
   for t, (indices, mask) in enumerate(batches):
-    state, metrics, sub = _dual_step(
-        config, state, sub, public, cache, private_y, indices, mask,
-        jnp.int32(1), jnp.float32(1.0),
-        refresh if t and t % spec.refresh_every == 0 else None)
+    refresh = spec if t and t % spec.refresh_every == 0 else None
+    state, metrics, sub = _step(config, settings.PerformanceFlags(), refresh,
+                                state, sub, public, private, indices, mask,
+                                cache)
     out.append((np.asarray(step_lib.dual_matrix(state, cache, public)),
                 np.asarray(step_lib.dual_matrix(state, cache, public,
                                                 average=True)),
@@ -204,28 +210,25 @@ def test_dual_form_equals_closed_form_and_vmap(method):
   private_x, private_y = _private()
   anchor = linear.unstack(_matrix(1))
   start = linear.unstack(_matrix(5, 0.3))  # start != anchor: a_t D is live
-  spec = private_linear.SubspaceSpec("gradients", 5, refresh_every=2,
-                                     method=method, iterations=2,
-                                     oversample=3)
+  spec = settings.SubspaceSpec("gradients", 5, refresh_every=2,
+                               method=method, iterations=2, oversample=3)
   batches = _batches(private_y.shape[0])
-  common = dict(noise_multiplier=0.8, expected_batch_size=6.0,
-                learning_rate=0.4, adaptive_threshold=True,
-                threshold_quantile=0.5, public_weight=0.25, pull=0.3)
-  closed = step_lib.StepConfig(path="closed_form", **common)
+  config = settings.StepConfig(
+      noise_multiplier=0.8, expected_batch_size=6.0, learning_rate=0.4,
+      adaptive_threshold=True, threshold_quantile=0.5, public_weight=0.25,
+      pull=0.3)
+  closed = settings.PerformanceFlags(path="closed_form")
+  data = (public, private_x, private_y, batches, anchor, start)
   runs = {
-      "vmap": _run_matrix(step_lib.StepConfig(path="vmap", **common), spec,
-                          public, private_x, private_y, batches, anchor,
-                          start),
+      "vmap": _run_matrix(config, settings.PerformanceFlags(path="vmap"),
+                          spec, *data),
       "vmap_microbatched": _run_matrix(
-          step_lib.StepConfig(path="vmap", microbatch_size=3, **common), spec,
-          public, private_x, private_y, batches, anchor, start),
-      "closed_form": _run_matrix(closed, spec, public, private_x, private_y,
-                                 batches, anchor, start),
+          config, settings.PerformanceFlags(path="vmap", microbatch_size=3),
+          spec, *data),
+      "closed_form": _run_matrix(config, closed, spec, *data),
       "closed_form_kernel": _run_matrix(
-          closed, spec, public, private_x, private_y, batches, anchor, start,
-          kernel=private_x @ public.x_aug.T),
-      "dual": _run_dual(closed, spec, public, private_x, private_y, batches,
-                        anchor, start),
+          config, closed, spec, *data, kernel=private_x @ public.x_aug.T),
+      "dual": _run_dual(config, spec, *data),
   }
   reference = runs["vmap"]
   # The run is non-trivial: clipping is active and C_t moves.
@@ -248,22 +251,26 @@ def test_dual_form_in_training_loop_matches_matrix_form():
   public_x = rng.normal(size=(NUM_PUBLIC, DIM)).astype(np.float32)
   public_y = rng.integers(0, CLASSES, NUM_PUBLIC)
   anchor = linear.unstack(_matrix(3, 0.2))
-  config = step_lib.StepConfig(
+  config = settings.StepConfig(
       noise_multiplier=1.0, expected_batch_size=12.0, learning_rate=0.5,
       adaptive_threshold=True, public_weight=0.2, pull=0.1)
-  spec = private_linear.SubspaceSpec("gradients", 4, refresh_every=3,
-                                     method="iterative")
+  spec = settings.SubspaceSpec("gradients", 4, refresh_every=3,
+                               method="iterative")
+
+  def train(flags, subspace=spec, steps=7):
+    return linear_head.train_private_head(
+        private_x, private_y, public_x, public_y, anchor, config, steps=steps,
+        sampling_rate=0.3, coins=MechanismCoins.insecure_from_seed(0),
+        ledger=accounting.PrivacyLedger(delta=1e-5), subspace=subspace,
+        average_tail=0.5, flags=flags)
+
   results = {}
-  for representation in private_linear.REPRESENTATIONS:
+  for representation in ("matrix", "dual"):
     for cache in (False, True):
       if representation == "dual" and cache:
         continue  # the dual form always caches
-      results[representation, cache] = private_linear.train_private_head(
-          private_x, private_y, public_x, public_y, anchor, config, steps=7,
-          sampling_rate=0.3, coins=MechanismCoins.insecure_from_seed(0),
-          ledger=accounting.PrivacyLedger(delta=1e-5), subspace=spec,
-          average_tail=0.5, cache_private_kernel=cache,
-          representation=representation)
+      results[representation, cache] = train(settings.PerformanceFlags(
+          representation=representation, cache_private_kernel=cache))
   reference = results["matrix", False]
   assert _max_abs(reference["kernel"], anchor["kernel"]) > 1e-3
   for name, params in results.items():
@@ -271,36 +278,29 @@ def test_dual_form_in_training_loop_matches_matrix_form():
       np.testing.assert_allclose(params[leaf], reference[leaf], rtol=1e-4,
                                  atol=1e-5, err_msg=str(name))
   with pytest.raises(ValueError, match="dual"):
-    private_linear.train_private_head(
-        private_x, private_y, public_x, public_y, anchor, config, steps=1,
-        sampling_rate=0.3, coins=MechanismCoins.insecure_from_seed(0),
-        ledger=accounting.PrivacyLedger(delta=1e-5),
-        subspace=private_linear.SubspaceSpec("features", 3),
-        representation="dual")
+    train(settings.PerformanceFlags(representation="dual"),
+          subspace=settings.SubspaceSpec("features", 3), steps=1)
 
 
 def test_auto_representation_is_the_dual_form_wherever_it_applies(monkeypatch):
   """The benchmark's AdaMix closed_form rows time the dual form because it
   is the default; this pins that default (and its fallbacks)."""
-  choose = private_linear.choose_representation
-  grads = private_linear.SubspaceSpec("gradients", 4)
-  closed = step_lib.StepConfig(noise_multiplier=1.0, expected_batch_size=8.0,
-                               learning_rate=0.5)
-  one = private_linear.SingleDevice()
-  assert choose("auto", grads, closed, 1000, 50, 10, one) == "dual"
-  from adamix_jax import parallel  # pylint: disable=g-import-not-at-top
-  mesh = parallel.MeshPlacement(parallel.make_data_mesh())
-  assert choose("auto", grads, closed, 1000, 50, 10, mesh) == "matrix"
-  assert choose("auto", private_linear.SubspaceSpec(), closed, 1000, 50, 10,
-                one) == "matrix"
-  assert choose("auto", grads, closed, 1000, 0, 10, one) == "matrix"
-  vmap = dataclasses.replace(closed, path="vmap")
-  assert choose("auto", grads, vmap, 1000, 50, 10, one) == "matrix"
-  monkeypatch.setattr(private_linear, "DUAL_CACHE_LIMIT_BYTES", 4 * 1000 * 69)
-  assert choose("auto", grads, closed, 1000, 50, 10, one) == "matrix"
-  assert choose("auto", grads, closed, 1000, 49, 10, one) == "dual"
+  choose = linear_head.choose_representation
+  grads = settings.SubspaceSpec("gradients", 4)
+  auto = settings.PerformanceFlags()
+  assert choose(auto, grads, 1000, 50, 10, one_device=True) == "dual"
+  assert choose(auto, grads, 1000, 50, 10, one_device=False) == "matrix"
+  assert choose(auto, settings.SubspaceSpec(), 1000, 50, 10,
+                one_device=True) == "matrix"
+  assert choose(auto, grads, 1000, 0, 10, one_device=True) == "matrix"
+  vmap = settings.PerformanceFlags(path="vmap")
+  assert choose(vmap, grads, 1000, 50, 10, one_device=True) == "matrix"
+  monkeypatch.setattr(linear_head, "DUAL_CACHE_LIMIT_BYTES", 4 * 1000 * 69)
+  assert choose(auto, grads, 1000, 50, 10, one_device=True) == "matrix"
+  assert choose(auto, grads, 1000, 49, 10, one_device=True) == "dual"
   with pytest.raises(ValueError, match="one device"):
-    choose("dual", grads, closed, 1000, 50, 10, mesh)
+    choose(settings.PerformanceFlags(representation="dual"), grads, 1000, 50,
+           10, one_device=False)
 
 
 # --- the dual form keeps the privacy invariants ------------------------------
@@ -310,13 +310,19 @@ def _dual_setup(private_x, private_y, public, noise=0.0):
   anchor = linear.unstack(_matrix(1))
   state, cache = step_lib.init_dual(anchor, public, private_x,
                                     jax.random.key(0))
-  spec = private_linear.SubspaceSpec("gradients", 5)
-  sub = _build(spec, step_lib.dual_matrix(state, cache, public), public,
-               None, None)
-  config = step_lib.StepConfig(noise_multiplier=noise, expected_batch_size=1.0,
+  spec = settings.SubspaceSpec("gradients", 5)
+  sub = _build(spec, step_lib.dual_matrix(state, cache, public), public, None)
+  config = settings.StepConfig(noise_multiplier=noise, expected_batch_size=1.0,
                                learning_rate=1.0, adaptive_threshold=True,
                                normalize_by_threshold=False)
   return config, state, cache, sub
+
+
+def _dual_step(config, state, sub, public, cache, private_y, indices, mask,
+               refresh=None):
+  private = step_lib.PrivateData(x_aug=None, y=private_y)
+  return _step(config, settings.PerformanceFlags(), refresh, state, sub,
+               public, private, indices, mask, cache, average_from=0)
 
 
 def test_sensitivity_dual_form_step_within_threshold():
@@ -333,8 +339,7 @@ def test_sensitivity_dual_form_step_within_threshold():
   out = {}
   for name, mask in (("without", without), ("with", with_it)):
     new, metrics, _ = _dual_step(config, state, sub, public, cache, private_y,
-                                 indices, mask, jnp.int32(0),
-                                 jnp.float32(1.0), None)
+                                 indices, mask)
     out[name] = (np.asarray(step_lib.dual_matrix(new, cache, public),
                             np.float64), float(metrics.threshold))
   c_t = out["with"][1]
@@ -347,44 +352,22 @@ def test_sensitivity_dual_form_step_within_threshold():
   assert float(subspace_lib.closed_form_norms(sub, huge[9:], e)[0]) > 10 * c_t
 
 
-def test_dual_form_padding_and_nonfinite_rows_contribute_zero():
-  public = _public()
-  private_x, private_y = _private(size=10)
-  bad = private_x.at[8].set(jnp.nan).at[9].set(jnp.inf)
-  config, state, cache, sub = _dual_setup(bad, private_y, public, noise=1.0)
-  indices = jnp.asarray([0, 1, 2, 3, 8, 9, 0, 0])
-  mask_real = jnp.asarray([1.0, 1, 1, 1, 1, 1, 0, 0])  # 8, 9: real but bad
-  new, metrics, _ = _dual_step(config, state, sub, public, cache, private_y,
-                               indices, mask_real, jnp.int32(0),
-                               jnp.float32(1.0), None)
-  assert int(metrics.num_nonfinite) == 2
-  assert int(metrics.batch_size) == 6
-  reference, _, _ = _dual_step(config, state, sub, public, cache, private_y,
-                               jnp.asarray([0, 1, 2, 3, 0, 0, 0, 0]),
-                               jnp.asarray([1.0, 1, 1, 1, 0, 0, 0, 0]),
-                               jnp.int32(0), jnp.float32(1.0), None)
-  got = step_lib.dual_matrix(new, cache, public)
-  want = step_lib.dual_matrix(reference, cache, public)
-  assert np.all(np.isfinite(np.asarray(got)))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-
-
 def test_dual_form_threshold_and_subspace_independent_of_private_data():
   # C_t and the (in-step refreshed) subspace come from the public set and
   # the current parameters only: two private sets that differ in everything,
   # at the same parameters, give bitwise the same C_t and subspace.
   public = _public()
-  spec = step_lib.BasisRefresh(5, "iterative")
+  spec = settings.SubspaceSpec("gradients", 5, method="iterative")
   outs = []
   for seed, size in ((20, 10), (21, 17)):
     private_x, private_y = _private(seed, size)
     private_x = private_x * (3.0 if seed == 21 else 1.0)
-    config, state, cache, sub = _dual_setup(private_x, private_y, public)
-    config = step_lib.StepConfig(noise_multiplier=1.0, expected_batch_size=4.0,
+    _, state, cache, sub = _dual_setup(private_x, private_y, public)
+    config = settings.StepConfig(noise_multiplier=1.0, expected_batch_size=4.0,
                                  learning_rate=1.0, adaptive_threshold=True)
     _, metrics, new_sub = _dual_step(config, state, sub, public, cache,
                                      private_y, jnp.arange(8), jnp.ones(8),
-                                     jnp.int32(0), jnp.float32(1.0), spec)
+                                     refresh=spec)
     outs.append((float(metrics.threshold),
                  [np.asarray(x) for x in jax.tree_util.tree_leaves(new_sub)]))
   assert outs[0][0] == outs[1][0]
@@ -402,7 +385,7 @@ def test_dual_form_threshold_and_subspace_independent_of_private_data():
                              atol=1e-6)
 
 
-# --- vmap microbatching and the clipped sum --------------------------------------
+# --- vmap microbatching ----------------------------------------------------------
 
 
 def test_vmap_microbatch_any_size_equals_full_batch():
@@ -410,34 +393,20 @@ def test_vmap_microbatch_any_size_equals_full_batch():
   matrix = _matrix()
   private_x, private_y = _private(size=11)
   mask = jnp.asarray([1.0] * 9 + [0.0] * 2)
-  spec = private_linear.SubspaceSpec("gradients", 5)
-  sub = private_linear.build_subspace(spec, matrix, public)
+  spec = settings.SubspaceSpec("gradients", 5)
+  sub = linear_head.initial_subspace(spec, matrix, public)
   threshold = jnp.float32(0.3)
-  full = step_lib.clipped_coefficient_sum(
-      step_lib.StepConfig(1.0, 4.0, 0.1, path="vmap"), sub, matrix, private_x,
-      private_y, mask, threshold)
+
+  def clipped(flags):
+    return mechanism.clipped_sum(step_lib.matrix_contributions(
+        sub, matrix, private_x, private_y, flags), threshold, mask)
+
+  full = clipped(settings.PerformanceFlags(path="vmap"))
   for micro in (1, 4, 5, 11, 16):  # 11 rows: padded up to a multiple
-    cfg = step_lib.StepConfig(1.0, 4.0, 0.1, path="vmap",
-                              microbatch_size=micro)
-    got = step_lib.clipped_coefficient_sum(cfg, sub, matrix, private_x,
-                                           private_y, mask, threshold)
+    got = clipped(settings.PerformanceFlags(path="vmap",
+                                            microbatch_size=micro))
     np.testing.assert_allclose(got[0], full[0], rtol=1e-5, atol=1e-6)
     assert int(got[1].num_examples) == 9
     assert int(got[1].num_clipped) == int(full[1].num_clipped)
   with pytest.raises(ValueError, match="microbatch_size"):
-    step_lib.StepConfig(1.0, 4.0, 0.1, microbatch_size=0)
-
-
-def test_clipped_sum_equals_sum_of_clipped_examples():
-  rng = _rng(30)
-  grads = {"w": jnp.asarray(rng.normal(size=(7, 4, 3)) *
-                            np.logspace(-2, 2, 7)[:, None, None], jnp.float32),
-           "b": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)}
-  grads["w"] = grads["w"].at[2, 0, 0].set(jnp.nan)
-  mask = jnp.asarray([1.0, 1, 1, 1, 1, 0, 1])
-  total, stats = clipping.clipped_sum(grads, 1.5, mask)
-  clipped, _ = clipping.clip_per_example(grads, 1.5, mask)
-  for leaf in ("w", "b"):
-    np.testing.assert_allclose(total[leaf], jnp.sum(clipped[leaf], axis=0),
-                               rtol=1e-6, atol=1e-6)
-  assert int(stats.num_nonfinite) == 1
+    settings.PerformanceFlags(microbatch_size=0)

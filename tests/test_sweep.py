@@ -1,6 +1,6 @@
 """Sweeps resume, and aggregation makes the table, the CSV and the plot.
 
-The end-to-end test runs ``python -m launch.sweep`` (data parallel over the
+The end-to-end test runs ``python -m adamix_jax.launch.sweep`` (data parallel over the
 8 simulated devices) on 2 datasets x 2 epsilons x 2 seeds with tiny
 settings: digits, and an npz of random projections of the digits features
 made here (a second "dataset" with no extraction cost). It kills the first
@@ -23,9 +23,9 @@ import pytest
 from sklearn import datasets
 from sklearn import model_selection
 
-from adamix_jax.train import io
-from experiments import aggregate
-from launch import sweep_lib
+from adamix_jax import io
+from adamix_jax.experiment import aggregate
+from adamix_jax.launch import sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["train.epochs=2", "train.sampling_rate=1.0", "private_per_class=20",
@@ -44,7 +44,7 @@ def _npz_dataset(tmp_path) -> str:
   np.savez(npz, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
   config = tmp_path / "digits_rp.py"
   config.write_text(
-      "from experiments.configs import base\n\n\n"
+      "from adamix_jax.configs import base\n\n\n"
       "def get_config():\n"
       "  config = base.get_config()\n"
       "  config.dataset = 'npz'\n"
@@ -55,9 +55,9 @@ def _npz_dataset(tmp_path) -> str:
 
 
 def _sweep_command(root, npz_config, processes=1):
-  command = [sys.executable, "-m", "launch.sweep", f"--root={root}",
+  command = [sys.executable, "-m", "adamix_jax.launch.sweep", f"--root={root}",
              "--configs=" + ",".join([
-                 os.path.join(REPO, "experiments", "configs", "digits.py"),
+                 os.path.join(REPO, "adamix_jax", "configs", "digits.py"),
                  npz_config]),
              "--epsilons=1,3", "--seeds=0,1", f"--processes={processes}",
              "--data_parallel"]
@@ -186,7 +186,7 @@ def test_aggregate_average_over_datasets(tmp_path, capsys):
 
 
 def test_sweep_points_grid_and_overrides(tmp_path):
-  digits = os.path.join(REPO, "experiments", "configs", "digits.py")
+  digits = os.path.join(REPO, "adamix_jax", "configs", "digits.py")
   points = sweep_lib.build_points(
       str(tmp_path), [digits], ["paragon", "adamix"], epsilons=[1, 8],
       seeds=[0, 1, 2], public_per_class=[5, 10],

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
-SUBSPACE_KINDS = ("none", "features", "gradients")
-GRADIENT_METHODS = ("eigh", "iterative")
+from adamix_jax.adamix.settings import GRADIENT_METHODS
+from adamix_jax.adamix.settings import SUBSPACE_KINDS
 
 
 @flax.struct.dataclass
@@ -226,15 +226,6 @@ def parameter_basis(subspace: Subspace) -> jax.Array:
                     subspace.public_e)
 
 
-def coefficient_shape(subspace: Subspace, dim_aug: int,
-                      num_classes: int) -> tuple[int, ...]:
-  if subspace.kind == "none":
-    return (dim_aug, num_classes)
-  if subspace.kind == "features":
-    return (subspace.feature_basis.shape[1], num_classes)
-  return (subspace.mixing.shape[1],)
-
-
 def map_back(subspace: Subspace, coefficients: jax.Array) -> jax.Array:
   """Coefficients -> a (d+1, c) gradient matrix in parameter space."""
   if subspace.kind == "none":
@@ -259,10 +250,6 @@ def gradient_coefficients(subspace: Subspace, x_aug: jax.Array, e: jax.Array,
     kernel = x_aug @ subspace.public_x.T
   inner = kernel * (e @ subspace.public_e.T)  # (B, n)
   return inner @ subspace.mixing  # (B, k)
-
-
-def _gradient_coefficients(subspace: Subspace, x_aug, e, kernel=None):
-  return gradient_coefficients(subspace, x_aug, e, kernel)
 
 
 def closed_form_norms(subspace: Subspace, x_aug: jax.Array,
@@ -309,3 +296,71 @@ def coefficients_of(subspace: Subspace, gradient: jax.Array) -> jax.Array:
   per_public = jnp.einsum("nd,dc,nc->n", subspace.public_x, gradient,
                           subspace.public_e)
   return per_public @ subspace.mixing
+
+
+# --- the mechanism's backends for a linear head ------------------------------
+#
+# Both keep the contract of ``privacy.mechanism.Contributions``: ``norms``
+# may hold NaN/inf (a NaN feature row), and a row whose norm is not finite is
+# zeroed before it enters any sum, so its weight 0 really gives 0.
+
+
+@flax.struct.dataclass
+class OuterProducts:
+  """Closed-form contributions G_i = x~_i e_i^T in a "none" or "features"
+  subspace (coefficients (d+1, c) or (k, c) per example, never formed)."""
+
+  subspace: Subspace
+  x_aug: jax.Array  # (B, d+1)
+  e: jax.Array  # (B, c)
+  row_norms: jax.Array  # (B,)
+
+  @classmethod
+  def create(cls, subspace: Subspace, x_aug: jax.Array,
+             e: jax.Array) -> "OuterProducts":
+    return cls(subspace=subspace, x_aug=x_aug, e=e,
+               row_norms=closed_form_norms(subspace, x_aug, e))
+
+  def norms(self) -> jax.Array:
+    return self.row_norms
+
+  def weighted_sum(self, weights: jax.Array) -> jax.Array:
+    finite = jnp.isfinite(self.row_norms)
+    e = jnp.where(finite[:, None], self.e, 0.0)
+    weighted = lambda x: closed_form_weighted_sum(self.subspace, x, e,
+                                                  weights)
+    # x_aug (B x (d+1)) is only rewritten when some row needs it.
+    return jax.lax.cond(
+        jnp.all(finite), weighted,
+        lambda x: weighted(jnp.where(finite[:, None], x, 0.0)), self.x_aug)
+
+
+@flax.struct.dataclass
+class Coefficients:
+  """Explicit per-example coefficient rows (B, k): a "gradients" subspace,
+  where one (B, k) matrix serves the norms and the weighted sum."""
+
+  rows: jax.Array  # (B, k)
+  row_norms: jax.Array  # (B,)
+
+  @classmethod
+  def create(cls, rows: jax.Array) -> "Coefficients":
+    return cls(rows=rows, row_norms=jnp.linalg.norm(rows, axis=1))
+
+  def norms(self) -> jax.Array:
+    return self.row_norms
+
+  def weighted_sum(self, weights: jax.Array) -> jax.Array:
+    finite = jnp.isfinite(self.row_norms)
+    return weights @ jnp.where(finite[:, None], self.rows, 0.0)
+
+
+def closed_form_contributions(subspace: Subspace, x_aug: Optional[jax.Array],
+                              e: jax.Array,
+                              kernel: Optional[jax.Array] = None):
+  """The closed-form backend of a batch (x_aug (B, d+1) or, for a
+  "gradients" subspace, the kernel rows x~_i . X~p^T instead)."""
+  if subspace.kind == "gradients":
+    return Coefficients.create(gradient_coefficients(subspace, x_aug, e,
+                                                     kernel))
+  return OuterProducts.create(subspace, x_aug, e)

@@ -6,7 +6,7 @@
   result = audit(config, data, epsilon=1.0)   # AuditConfig() defaults
 
 The audited run trains ONCE on the private set plus the included canaries,
-with the step ``stages.train_dp_method`` builds for AdaMix (same calibrated
+with the step ``recipe.LinearHeadRecipe.train_dp`` builds for AdaMix (same calibrated
 sigma, q, T, threshold rule, public mixing, schedule, tail averaging). Each
 canary is scored from the released head against a reference (see
 ``AuditConfig.reference``) and the fixed number of guesses is turned into an
@@ -29,8 +29,8 @@ from adamix_jax.audit import canaries as canaries_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import randomness
-from adamix_jax.train import private_linear
-from adamix_jax.train import stages
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
 
 MECHANISMS = ("adamix", "no_noise")
 REFERENCES = ("retrained", "public_start")
@@ -123,7 +123,7 @@ class AuditResult:
 
 def digits_config(seed: int = 0, progress: bool = False):
   """The digits AdaMix configuration the audit runs on (one data seed)."""
-  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+  from adamix_jax.configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.progress = progress
   config.methods = ("adamix",)
@@ -137,47 +137,41 @@ def prepare(config, workdir: str) -> str:
   return workdir
 
 
-def audit_step_config(config, sigma: float, seed_data: stages.SeedData,
+def audit_step_config(config, sigma: float, seed_data: recipe_lib.SeedData,
                       num_canaries: int):
   """AdaMix's StepConfig with constants that do not depend on the canaries.
 
-  ``stages.step_config`` normalises the noisy sum by q * len(private_y) and
+  ``recipe.step_config`` normalises the noisy sum by q * len(private_y) and
   mixes the public gradient at n_pub / (n_pub + n_priv). Computed on the
   training set, both would change with the number of included canaries, so
   a canary would also leak through these constants. Here they are fixed in
   advance: the normaliser at q * (n_private + m / 2), the expected training
   set size, and the mixing weight at its value on the real private set.
   """
-  cfg = stages.step_config(config, "adamix", sigma, seed_data)
+  cfg = recipe_lib.make_recipe(config).step_config("adamix", sigma, seed_data)
   expected = config.train.sampling_rate * (len(seed_data.private_y) +
                                            num_canaries / 2.0)
   return dataclasses.replace(cfg, expected_batch_size=expected)
 
 
-def _train(config, seed_data: stages.SeedData, step_config, epsilon: float,
-           mechanism: str, extra_x: np.ndarray, extra_y: np.ndarray,
-           seed: int) -> np.ndarray:
+def _train(config, seed_data: recipe_lib.SeedData, step_config,
+           epsilon: float, mechanism: str, extra_x: np.ndarray,
+           extra_y: np.ndarray, seed: int) -> np.ndarray:
   """One run of the audited mechanism on private + extra; returns W~_T."""
-  train = config.train
   delta = float(config.delta)
-  if mechanism == "no_noise":
-    ledger = accounting.PrivacyLedger(delta, target_epsilon=None)
-  else:
-    ledger = accounting.PrivacyLedger(delta, float(epsilon))
-  inputs = stages.private_run_inputs(config, "adamix", seed_data)
-  params = private_linear.train_private_head(
-      np.concatenate([seed_data.private_x, extra_x]),
-      np.concatenate([seed_data.private_y, extra_y]),
-      inputs.public_x, inputs.public_y, inputs.anchor, step_config,
-      steps=stages.num_steps(config), sampling_rate=float(train.sampling_rate),
-      ledger=ledger, coins=randomness.MechanismCoins.insecure_from_seed(seed),
-      subspace=inputs.subspace,
-      average_tail=train.average_tail, lr_schedule=train.lr_schedule,
-      fallback_basis=inputs.fallback_basis)
-  return np.asarray(linear.stack(params))
+  target = None if mechanism == "no_noise" else float(epsilon)
+  data = dataclasses.replace(
+      seed_data, private_x=np.concatenate([seed_data.private_x, extra_x]),
+      private_y=np.concatenate([seed_data.private_y, extra_y]))
+  run = recipe_lib.make_recipe(config).train_dp(
+      "adamix", epsilon, seed, data,
+      ledger=accounting.PrivacyLedger(delta, target),
+      coins=randomness.MechanismCoins.insecure_from_seed(seed),
+      step_config=step_config)
+  return np.asarray(linear.stack(run.params))
 
 
-def audit(config, seed_data: stages.SeedData, epsilon: float,
+def audit(config, seed_data: recipe_lib.SeedData, epsilon: float,
           audit_config: AuditConfig = AuditConfig(),
           mechanism: str = "adamix",
           progress: Optional[Callable[[str], None]] = None) -> AuditResult:
@@ -193,10 +187,10 @@ def audit(config, seed_data: stages.SeedData, epsilon: float,
   start = time.time()
   say = progress or (lambda line: None)
   train = config.train
-  steps = stages.num_steps(config)
+  steps = recipe_lib.num_steps(config)
   delta = float(config.delta)
   m = audit_config.num_canaries
-  stages.check_delta(config, len(seed_data.private_y) + m)
+  recipe_lib.check_delta(config, len(seed_data.private_y) + m)
   sigma = accounting.calibrate_noise_multiplier(
       float(epsilon), delta, float(train.sampling_rate), steps)
   step_config = audit_step_config(config, sigma, seed_data, m)

@@ -14,13 +14,13 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 from typing import Any
 
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+
+from adamix_jax import io
 
 ACCOUNTANTS = ("pld", "rdp")
 MAX_CALIBRATION_EPSILON = 100.0
@@ -185,6 +185,8 @@ class PrivacyLedger:
   # inside it. Dropped whenever anything else is recorded.
   _plan: tuple[float, float, int] | None = dataclasses.field(
       default=None, init=False, repr=False, compare=False)
+  _plan_epsilon: float | None = dataclasses.field(
+      default=None, init=False, repr=False, compare=False)
 
   def __post_init__(self):
     _check_delta(self.delta)
@@ -266,7 +268,14 @@ class PrivacyLedger:
     after = self.check_budget(noise_multiplier, sampling_rate, steps)
     self._plan = (float(noise_multiplier), float(sampling_rate),
                   self.total_steps + int(steps))
+    self._plan_epsilon = after
     return after
+
+  @property
+  def planned_epsilon(self) -> float | None:
+    """The epsilon the approved plan ends at (None without a plan): an
+    upper bound of ``epsilon()`` at every step inside the plan."""
+    return self._plan_epsilon if self._plan is not None else None
 
   def check_step(self, noise_multiplier: float, sampling_rate: float) -> None:
     """The guard before each private step: one more step must fit the target.
@@ -303,13 +312,7 @@ class PrivacyLedger:
 
   def save(self, path: str) -> None:
     """Writes JSON atomically: a crash leaves the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False,
-                                     suffix=".tmp") as f:
-      json.dump(self.to_dict(), f, indent=2)
-      tmp = f.name
-    os.replace(tmp, path)
+    io.save_json(path, self.to_dict())
 
   @classmethod
   def load(cls, path: str) -> "PrivacyLedger":

@@ -1,17 +1,19 @@
 """DP aggregation as composable optax transformations.
 
 ``dp_aggregate`` turns per-example gradients into a privatised mean
-gradient: clip each example (after an optional per-example transform),
-sum, add N(0, (sigma * C)^2 I) ONCE to that sum with a key carried in the
-state, divide by a fixed normaliser (the *expected* batch size q*N for
-Poisson-sampled DP-SGD, or N for full-batch noisy GD). Dividing by the
-realised batch size would leak it; dividing by a fixed number does not.
+gradient through ``privacy.mechanism.privatize``: clip each example (after
+an optional per-example transform), sum, add N(0, (sigma * C)^2 I) ONCE to
+that sum with a key carried in the state, divide by a fixed normaliser (the
+*expected* batch size q*N for Poisson-sampled DP-SGD, or N for full-batch
+noisy GD). Dividing by the realised batch size would leak it; dividing by a
+fixed number does not. The key must come from secret coins
+(``MechanismCoins.fresh().noise_key()``), never from a published seed.
 
 Example (chain with any optax optimiser)::
 
   tx = optax.chain(
       dp_aggregate(clip_norm=1.0, noise_multiplier=1.1,
-                   normalizer=q * n, key=jax.random.key(0)),
+                   normalizer=q * n, key=MechanismCoins.fresh().noise_key()),
       optax.sgd(0.1))
   state = tx.init(params)
   grads = per_example_grads(loss_fn, params, batch)   # leading axis B
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from adamix_jax.privacy import clipping
-from adamix_jax.privacy import noise
+from adamix_jax.privacy import mechanism
 from adamix_jax.privacy import per_example
 
 PyTree = Any
@@ -60,21 +62,12 @@ def _check(clip_norm, noise_multiplier, normalizer):
                      f"{normalizer}.")
 
 
-def privatize_sum(clipped_total: PyTree, key: jax.Array,
-                  clip_norm: jax.Array | float, noise_multiplier: float,
-                  normalizer: float) -> PyTree:
-  """(clipped sum + N(0, (sigma C)^2 I)) / normalizer. Noise added once."""
-  noisy = noise.add_gaussian_noise(clipped_total, key,
-                                   noise_multiplier * clip_norm)
-  return jax.tree_util.tree_map(lambda g: g / normalizer, noisy)
-
-
 def dp_aggregate(clip_norm: float,
                  noise_multiplier: float,
                  normalizer: float,
                  key: jax.Array,
                  pre_clip_transform: Optional[
-                     clipping.PerExampleTransform] = None,
+                     per_example.PerExampleTransform] = None,
                  ) -> optax.GradientTransformationExtraArgs:
   """Per-example gradients -> clipped, noised, normalised mean gradient.
 
@@ -83,7 +76,8 @@ def dp_aggregate(clip_norm: float,
     noise_multiplier: sigma; the noise std on the sum is sigma * C.
     normalizer: fixed divisor: expected batch size q*N (DP-SGD) or N (full
       batch).
-    key: PRNG key; split every step, carried in the state.
+    key: PRNG key from the run's secret coins; split every step, carried in
+      the state.
     pre_clip_transform: optional per-example map applied before clipping.
 
   Returns:
@@ -99,11 +93,15 @@ def dp_aggregate(clip_norm: float,
 
   def update_fn(updates, state, params=None, *, mask=None, **extra_args):
     del params, extra_args
-    total, stats = clipping.clipped_sum(updates, clip_norm, mask,
-                                        pre_clip_transform)
+    contributions = per_example.PerExampleGradients.create(updates,
+                                                           pre_clip_transform)
+    if mask is None:
+      mask = jnp.ones(contributions.row_norms.shape, jnp.float32)
     noise_key, next_key = jax.random.split(state.noise_key)
-    mean = privatize_sum(total, noise_key, clip_norm, noise_multiplier,
-                         normalizer)
+    mean, stats = mechanism.privatize(contributions, clip_norm, mask,
+                                      noise_key,
+                                      noise_multiplier=noise_multiplier,
+                                      normalizer=normalizer)
     return mean, DPAggregateState(
         noise_key=next_key, steps=state.steps + 1,
         num_nonfinite=state.num_nonfinite + stats.num_nonfinite)
@@ -122,15 +120,22 @@ def private_gradient(loss_fn: per_example.ExampleLoss,
                      normalizer: float,
                      microbatch_size: Optional[int] = None,
                      pre_clip_transform: Optional[
-                         clipping.PerExampleTransform] = None,
+                         per_example.PerExampleTransform] = None,
                      ) -> tuple[PyTree, clipping.ClipStats]:
   """One DP-SGD gradient from a loss: the functional form of dp_aggregate.
 
   Unlike ``dp_aggregate`` it never holds all B per-example gradients at
   once: with ``microbatch_size`` peak memory is microbatch x params.
+
+  Returns:
+    (the privatised mean gradient, like ``params``; ClipStats of the batch).
   """
-  total, stats = per_example.clipped_grad_sum(
-      loss_fn, params, batch, clip_norm, mask,
-      microbatch_size=microbatch_size, pre_clip_transform=pre_clip_transform)
-  return privatize_sum(total, key, clip_norm, noise_multiplier,
-                       normalizer), stats
+  contributions = per_example.vmap_contributions(
+      loss_fn, params, batch, pre_clip_transform,
+      microbatch_size=microbatch_size)
+  if mask is None:
+    mask = jnp.ones((jax.tree_util.tree_leaves(batch)[0].shape[0],),
+                    jnp.float32)
+  return mechanism.privatize(contributions, clip_norm, mask, key,
+                             noise_multiplier=noise_multiplier,
+                             normalizer=normalizer)

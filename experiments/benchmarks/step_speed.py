@@ -73,10 +73,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamix_jax.adamix import step as step_lib
+from adamix_jax.adamix import linear_step as step_lib
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.models import linear
-from adamix_jax.train import private_linear
+from adamix_jax.train import linear_head
 
 GIB = 2**30
 MIB = 2**20

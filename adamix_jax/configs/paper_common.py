@@ -5,9 +5,9 @@ Each paper config (``oxford_pets.py``, ``cub200.py``, ``flowers102.py``,
 ``paper_config(<dataset>, arg)``, where ``arg`` is the optional config string
 after the file name, choosing the backbone:
 
-  --config experiments/configs/oxford_pets.py                  # efficientnet_lite0
-  --config experiments/configs/oxford_pets.py:clip_vit_b32     # CLIP ViT-B/32
-  --config experiments/configs/oxford_pets.py:resnet50         # ResNet-50
+  --config oxford_pets                  # efficientnet_lite0
+  --config oxford_pets:clip_vit_b32     # CLIP ViT-B/32
+  --config oxford_pets:resnet50         # ResNet-50
 
 The Hugging Face backbones get a ``backbone_kwargs.name_or_path`` field (the
 hub name by default), so an offline machine can point it at a local copy:
@@ -28,7 +28,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import base
+from adamix_jax.configs import base
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 

@@ -1,4 +1,7 @@
-"""Atomic writes for stage outputs: a crash leaves the old file or the new."""
+"""Atomic writes: a crash leaves the old file or the new one, never half.
+
+The one writer of every output (stage files, ledgers, caches, summaries).
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,14 @@ def save_json(path: str, data: Any) -> None:
 def load_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
+
+
+def save_text(path: str, text: str) -> None:
+  _atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_bytes(path: str, data: bytes) -> None:
+  _atomic(path, lambda f: f.write(data))
 
 
 def save_npz(path: str, **arrays: np.ndarray) -> None:

@@ -3,13 +3,14 @@
 Run (paragon, public-only, DP-SGD and AdaMix x epsilon {1, 3, 8} x 3 seeds;
 writes WORKDIR/results.{json,md}):
 
-  python -m launch.train_full_model --workdir /tmp/adamix_digits_cnn
-  python -m launch.train_full_model --workdir /tmp/cnn_quick \
+  adamix-train --config digits_cnn --workdir /tmp/adamix_digits_cnn
+  adamix-train --config digits_cnn --workdir /tmp/cnn_quick \
       --config.train.epochs=5 --config.seeds=0, --config.epsilons=3,
 
-Unlike the linear-head runs (``launch.main``), every parameter of the CNN
+Unlike the linear-head runs, every parameter of the CNN
 (``adamix_jax/models/cnn.py``, ~14k) is trained privately
-(``adamix_jax/train/full_model.py``):
+(``adamix_jax/train/full_model.py``, through the same stages as every run:
+``config.model.kind = "cnn"`` picks ``experiment.recipe.FullModelRecipe``):
 
 * public-only: the CNN trained (non-privately) on the 5 public images per
   class; it is AdaMix's starting point w_0;
@@ -25,9 +26,11 @@ The fixed values below were not tuned on private or test data.
 
 import ml_collections
 
+from adamix_jax.configs import base
+
 
 def get_config():
-  config = ml_collections.ConfigDict()
+  config = base.get_config()
   config.dataset = "digits"
   config.dataset_kwargs = ml_collections.ConfigDict(
       {"test_fraction": 0.3, "split_seed": 0})
@@ -35,15 +38,9 @@ def get_config():
   config.image_shape = (8, 8, 1)
   config.public_per_class = 5
   config.private_per_class = -1
-
-  config.model = ml_collections.ConfigDict()
+  config.model.kind = "cnn"
   config.model.channels = (16, 32)
   config.model.hidden = 64
-
-  config.methods = ("paragon", "public_only", "dp_sgd", "adamix")
-  config.epsilons = (1.0, 3.0, 8.0)
-  config.delta = 1e-5
-  config.seeds = (0, 1, 2)
 
   # Non-private full-batch AdamW: the public model w_0 and the paragon.
   config.non_private = ml_collections.ConfigDict()
@@ -52,7 +49,6 @@ def get_config():
   config.non_private.weight_decay = 1e-4
 
   # Private training: one rule for dp_sgd and adamix.
-  config.train = ml_collections.ConfigDict()
   config.train.epochs = 20  # T = epochs / q
   config.train.sampling_rate = 0.1
   config.train.learning_rate = 1.0  # SGD step, in units of the threshold
@@ -61,12 +57,8 @@ def get_config():
   config.train.microbatch_size = 0  # 0: the whole (per-device) batch at once
   config.train.checkpoint_every = 100  # steps; a rerun resumes from the last
 
-  config.adamix = ml_collections.ConfigDict()
   config.adamix.projection_rank = 20  # top-k public gradient directions
   config.adamix.refresh_every = 10
   config.adamix.adaptive_threshold = True
   config.adamix.threshold_quantile = 0.5
-  # Debugging only: derive the mechanism's coins from the public seed (no
-  # privacy guarantee; see base.py).
-  config.insecure_reproducible_noise = False
   return config

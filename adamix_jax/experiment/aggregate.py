@@ -1,14 +1,13 @@
 r"""Every ``results.json`` under a folder -> tables, a CSV and a plot.
 
-  python -m experiments.aggregate --root /tmp/adamix_sweep \
-      --out /tmp/adamix_sweep/summary
+  adamix-aggregate --root /tmp/adamix_sweep --out /tmp/adamix_sweep/summary
 
 Writes into ``--out``:
 
 * ``results.md``: a summary table (one row per dataset, error increase over
   the paragon per method and epsilon, and an "average over datasets" row,
   the paper's headline number), then the paper-style table of each dataset
-  (``adamix_jax.train.report.markdown_table``);
+  (``adamix_jax.experiment.report.markdown_table``);
 * ``results.csv``: every record (one per dataset, method, epsilon, seed),
   with the ``results.json`` it came from;
 * ``privacy_utility.png``: test error vs epsilon, one panel per dataset,
@@ -17,21 +16,22 @@ Writes into ``--out``:
 
 A "dataset" is a (dataset, public_per_class) pair: the same data with a
 different number of public examples is a different row. Works on a sweep
-root (``launch.sweep``) or on any folder of ``launch.main`` workdirs.
+root (``adamix-sweep``) or on any folder of ``adamix-train`` workdirs.
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import io as io_lib
 import math
 import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from adamix_jax.train import io
-from adamix_jax.train import report
+from adamix_jax import io
+from adamix_jax.experiment import report
 
 REFERENCE_METHODS = ("paragon", "public_only")
 CSV_FIELDS = ("dataset", "public_per_class", "method", "epsilon", "delta",
@@ -168,15 +168,14 @@ def write_csv(records: Sequence[dict], path: str) -> None:
   extra = sorted({k for r in records for k in r} - set(CSV_FIELDS) -
                  {"source"})
   fields = list(CSV_FIELDS) + extra + ["source"]
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for r in sorted(records, key=lambda r: (
-        group_key(r), r["method"], r.get("epsilon") or 0.0, r["seed"])):
-      writer.writerow({k: "" if r.get(k) is None else r.get(k)
-                       for k in fields})
-  os.replace(tmp, path)
+  text = io_lib.StringIO()
+  writer = csv.DictWriter(text, fieldnames=fields)
+  writer.writeheader()
+  for r in sorted(records, key=lambda r: (
+      group_key(r), r["method"], r.get("epsilon") or 0.0, r["seed"])):
+    writer.writerow({k: "" if r.get(k) is None else r.get(k)
+                     for k in fields})
+  io.save_text(path, text.getvalue())
 
 
 def plot(records: Sequence[dict], path: str) -> None:
@@ -223,10 +222,10 @@ def plot(records: Sequence[dict], path: str) -> None:
     ax.axis("off")
   fig.suptitle("Privacy-utility: test error vs epsilon (mean ± std over seeds)")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  png = io_lib.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  io.save_bytes(path, png.getvalue())
 
 
 def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
@@ -243,10 +242,7 @@ def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
   paths = {"markdown": os.path.join(out, "results.md"),
            "csv": os.path.join(out, "results.csv"),
            "plot": os.path.join(out, "privacy_utility.png")}
-  text = markdown_report(records, root)
-  with open(paths["markdown"] + ".tmp", "w") as f:
-    f.write(text + "\n")
-  os.replace(paths["markdown"] + ".tmp", paths["markdown"])
+  io.save_text(paths["markdown"], markdown_report(records, root) + "\n")
   write_csv(records, paths["csv"])
   plot(records, paths["plot"])
   return paths
@@ -266,6 +262,11 @@ def main(argv=None) -> None:
   print()
   for name, path in paths.items():
     print(f"wrote {name}: {path}")
+
+
+def run() -> None:
+  """Console entry point ``adamix-aggregate``."""
+  main()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ CPU cores the first time, 7 of them embedding 13k images; 13 minutes once the
 features are cached, most of it the paragon's cross-validation; see
 experiments/results/fashion_mnist_effnet/README.md):
 
-  python -m launch.main --config experiments/configs/fashion_mnist.py --workdir /tmp/fmnist_effnet
+  adamix-train --config fashion_mnist --workdir /tmp/fmnist_effnet
 
 Data: the official 60k/10k split read from Debian's ``dataset-fashion-mnist``
 IDX files (``/usr/share/datasets/fashion-mnist``; another folder with
@@ -23,7 +23,7 @@ The 28x28 gray images are replicated to RGB and resized (bicubic) to 224x224;
 Private-training hyperparameters are the fixed defaults of ``base.py``.
 """
 
-from experiments.configs import base
+from adamix_jax.configs import base
 
 
 def get_config():

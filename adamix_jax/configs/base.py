@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_large_delta = False
   config.seeds = (0, 1, 2)
 
+  # --- what is trained: a linear head on the features ("linear"), or every
+  # parameter of a Flax model ("cnn", see digits_cnn.py) --------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "linear"
+
   # --- non-private heads (public init, paragon): CV'd weight decay --------
   config.cv_folds = 5
 

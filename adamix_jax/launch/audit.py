@@ -29,7 +29,7 @@ if _ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top
 from adamix_jax.audit import run as audit_run
-from adamix_jax.train import stages
+from adamix_jax.experiment import stages
 # pylint: enable=g-import-not-at-top
 
 

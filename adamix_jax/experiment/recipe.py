@@ -1,0 +1,488 @@
+"""The recipe: the one place where an experiment config becomes objects.
+
+Given a config (``adamix_jax/configs``), a recipe decides what each method
+trains and how: the public start (few-shot or zero-shot), the non-private
+paragon, and the private runs (DP-SGD and AdaMix: the calibrated sigma, the
+``StepConfig``, the projection, the performance flags, the program ``fit``
+runs). Two kinds:
+
+* ``LinearHeadRecipe`` (``config.model.kind = "linear"``, the default): a
+  linear head on frozen features, preprocessed with statistics of the public
+  examples only;
+* ``FullModelRecipe`` (``config.model.kind = "cnn"``): every parameter of a
+  Flax model trained privately (``experiments``' digits CNN).
+
+The stage runner (``stages``) only walks units and files; the workdir
+(``workdir``) only knows paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from adamix_jax import data as data_lib
+from adamix_jax.adamix import public_init as public_init_lib
+from adamix_jax.adamix import settings as settings_lib
+from adamix_jax.features import preprocess as preprocess_lib
+from adamix_jax.models import linear
+from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
+from adamix_jax.train import checkpoint as checkpoint_lib
+from adamix_jax.train import fit as fit_lib
+
+METHODS = ("paragon", "public_only", "dp_sgd", "adamix")
+DP_METHODS = ("dp_sgd", "adamix")
+MODEL_KINDS = ("linear", "cnn")
+
+
+# --- validation of the whole config, before any work -------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for bad settings before any work is done."""
+  unknown = [m for m in config.methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"Unknown method(s) {unknown}; known methods: "
+                     f"{list(METHODS)}.")
+  if not config.methods:
+    raise ValueError("config.methods is empty; choose from "
+                     f"{list(METHODS)}.")
+  if config.dataset not in data_lib.KNOWN_SOURCES:
+    raise ValueError(f"Unknown config.dataset {config.dataset!r}; known "
+                     f"datasets: {', '.join(sorted(data_lib.KNOWN_SOURCES))}.")
+  from adamix_jax.models import registry  # pylint: disable=g-import-not-at-top
+  if config.backbone not in registry.KNOWN_BACKBONES:
+    raise ValueError(f"Unknown config.backbone {config.backbone!r}; known "
+                     f"backbones: {', '.join(registry.KNOWN_BACKBONES)}.")
+  if model_kind(config) not in MODEL_KINDS:
+    raise ValueError(f"Unknown config.model.kind {model_kind(config)!r}; "
+                     f"known: {list(MODEL_KINDS)}.")
+  for eps in config.epsilons:
+    if not eps > 0:
+      raise ValueError(f"Every epsilon must be > 0, got {eps} in "
+                       "config.epsilons; remove it or use a positive budget "
+                       "such as 1.0.")
+    if eps > accounting.MAX_CALIBRATION_EPSILON:
+      raise ValueError(
+          f"epsilon {eps} in config.epsilons is above "
+          f"{accounting.MAX_CALIBRATION_EPSILON:g}: no meaningful privacy, "
+          "and the accountant cannot calibrate it. Use the paragon (method "
+          "'paragon') for a non-private reference.")
+  if not 0.0 < config.delta < 1.0:
+    raise ValueError(f"config.delta must be in (0, 1), got {config.delta}; use "
+                     "a small value below 1/n_private, such as 1e-5.")
+  if config.public_per_class < 0:
+    raise ValueError("config.public_per_class must be >= 0 (0 = zero-shot), "
+                     f"got {config.public_per_class}.")
+  train = config.train
+  if not 0.0 < train.sampling_rate <= 1.0:
+    raise ValueError(f"config.train.sampling_rate must be in (0, 1], got "
+                     f"{train.sampling_rate}.")
+  if train.epochs <= 0 or train.learning_rate <= 0 or train.clip_norm <= 0:
+    raise ValueError("config.train.epochs, learning_rate and clip_norm must "
+                     "be > 0.")
+  if config.preprocess not in preprocess_lib.MODES:
+    raise ValueError(f"config.preprocess must be one of "
+                     f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
+  if not config.seeds:
+    raise ValueError("config.seeds is empty.")
+
+
+def model_kind(config) -> str:
+  model = config.get("model")
+  return "linear" if model is None else model.get("kind", "linear")
+
+
+def num_steps(config) -> int:
+  return max(1, int(round(config.train.epochs / config.train.sampling_rate)))
+
+
+def insecure_noise(config) -> bool:
+  """Whether the runs derive their mechanism's coins from the public seed."""
+  return bool(config.get("insecure_reproducible_noise", False))
+
+
+def check_delta(config, num_private: int) -> None:
+  if num_private <= 0:
+    raise ValueError(
+        "No private examples are left after taking the public ones, so there "
+        "is nothing to train privately on. Lower config.public_per_class or "
+        "use more training data.")
+  if config.delta >= 1.0 / num_private and not config.allow_large_delta:
+    raise ValueError(
+        f"delta={config.delta:g} >= 1/n_private = 1/{num_private}: a mechanism "
+        "that publishes one random private example outright satisfies such a "
+        "guarantee. Lower config.delta (e.g. below 1/(10 n)), or set "
+        "config.allow_large_delta=True if you really mean it.")
+
+
+def noise_multiplier(config, epsilon: float) -> float:
+  """Sigma calibrated for (epsilon, delta, q, T) of the whole run."""
+  return accounting.calibrate_noise_multiplier(
+      float(epsilon), float(config.delta), float(config.train.sampling_rate),
+      num_steps(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedData:
+  """One seed's public/private/test data (model-ready) and public model."""
+
+  public_x: np.ndarray
+  public_y: np.ndarray
+  private_x: np.ndarray
+  private_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  num_classes: int
+  public_params: Any
+  zero_shot: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DPRun:
+  """What a finished private run hands to the stage runner."""
+
+  params: Any
+  ledger: accounting.PrivacyLedger
+  meta: dict
+
+
+def _dp_meta(config, method, epsilon, seed, sigma, data, resumed_from,
+             extra=None) -> dict:
+  return {"method": method, "epsilon": float(epsilon), "seed": seed,
+          "resumed_from_step": resumed_from, "noise_multiplier": sigma,
+          "steps": num_steps(config),
+          "sampling_rate": float(config.train.sampling_rate),
+          "private_examples": int(len(data.private_y)),
+          "public_examples": int(len(data.public_y)),
+          "insecure_reproducible_noise": insecure_noise(config),
+          **(extra or {})}
+
+
+def _run_with_checkpoints(config, checkpoint_dir, train):
+  """Runs ``train(checkpointer)``; returns (result, resumed_from_step)."""
+  with checkpoint_lib.checkpointer_or_none(
+      checkpoint_dir, config.train.checkpoint_every) as checkpointer:
+    resumed_from = checkpointer.latest_step() if checkpointer else None
+    return train(checkpointer), resumed_from
+
+
+# --- the linear head -------------------------------------------------------------
+
+
+class LinearHeadRecipe:
+  """A linear head on frozen (backbone) features."""
+
+  kind = "linear"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  # public start ------------------------------------------------------------
+
+  def public_init(self, x_public_raw, y_public, class_names, seed: int,
+                  dim: int) -> tuple[dict, dict]:
+    """(arrays to save, info): preprocessing fitted on the public examples
+    and the public model w_0 (few-shot, CV'd weight decay) or a CLIP
+    zero-shot head."""
+    config = self.config
+    prep = preprocess_lib.fit_preprocessor(x_public_raw, config.preprocess,
+                                           dim)
+    info: dict[str, Any] = {"seed": seed,
+                            "public_examples": int(len(y_public))}
+    if len(y_public) == 0:
+      params = self._zero_shot_head(class_names, dim)
+      info["init"] = "zero_shot"
+    else:
+      params, cv = public_init_lib.train_head(
+          prep(x_public_raw), y_public, len(class_names),
+          folds=config.cv_folds, seed=seed)
+      info.update(init="few_shot", weight_decay=cv.weight_decay,
+                  cv_folds=cv.folds, cv_errors=cv.cv_errors)
+    arrays = {"kernel": np.asarray(params["kernel"]),
+              "bias": np.asarray(params["bias"]), **prep.to_arrays()}
+    return arrays, info
+
+  def _zero_shot_head(self, class_names, dim: int) -> dict:
+    from adamix_jax.models import registry, zero_shot  # heavy: lazy
+    config = self.config
+    backbone = registry.get_backbone(config.backbone,
+                                     **config.backbone_kwargs.to_dict())
+    if not hasattr(backbone, "text_embeddings"):
+      raise ValueError(
+          "public_per_class=0 (zero-shot) needs a CLIP backbone for the text "
+          f"head, but config.backbone={config.backbone!r} has no text tower. "
+          "Use backbone='clip_vit_b32' or public_per_class > 0.")
+    templates = tuple(config.zero_shot_templates) or zero_shot.CLIP_TEMPLATES
+    head = zero_shot.zero_shot_head(backbone, list(class_names), templates)
+    if head["kernel"].shape[0] != dim:
+      raise ValueError(f"zero-shot head has dim {head['kernel'].shape[0]} but "
+                       f"the features have dim {dim}.")
+    return head
+
+  def seed_data(self, features: dict, public_idx, private_idx,
+                saved: dict) -> SeedData:
+    prep = preprocess_lib.Preprocessor.from_arrays(saved)
+    x_train = prep(features["x_train"])
+    return SeedData(
+        public_x=x_train[public_idx], public_y=features["y_train"][public_idx],
+        private_x=x_train[private_idx],
+        private_y=features["y_train"][private_idx],
+        test_x=prep(features["x_test"]), test_y=features["y_test"],
+        num_classes=len(features["class_names"]),
+        public_params={"kernel": saved["kernel"], "bias": saved["bias"]},
+        zero_shot=len(public_idx) == 0)
+
+  # references and private runs ---------------------------------------------
+
+  def paragon(self, data: SeedData, seed: int) -> tuple[dict, dict]:
+    """Non-private upper bound on ALL training data, weight decay by CV."""
+    x = np.concatenate([data.public_x, data.private_x])
+    y = np.concatenate([data.public_y, data.private_y])
+    params, cv = public_init_lib.train_head(x, y, data.num_classes,
+                                            folds=self.config.cv_folds,
+                                            seed=seed)
+    return params, {"weight_decay": cv.weight_decay,
+                    "cv_errors": cv.cv_errors}
+
+  def public_weight(self, data: SeedData) -> float:
+    adamix = self.config.adamix
+    if adamix.public_weight_by_set_size:
+      n_pub, n_priv = len(data.public_y), len(data.private_y)
+      return n_pub / (n_pub + n_priv)
+    return float(adamix.public_weight)
+
+  def step_config(self, method: str, sigma: float,
+                  data: SeedData) -> settings_lib.StepConfig:
+    train, adamix = self.config.train, self.config.adamix
+    common = dict(noise_multiplier=sigma,
+                  expected_batch_size=train.sampling_rate * len(data.private_y),
+                  learning_rate=train.learning_rate, clip_norm=train.clip_norm,
+                  normalize_by_threshold=adamix.normalize_by_threshold)
+    if method == "dp_sgd":
+      return settings_lib.StepConfig(**common)
+    return settings_lib.StepConfig(
+        **common, adaptive_threshold=adamix.adaptive_threshold,
+        threshold_quantile=adamix.threshold_quantile,
+        public_weight=self.public_weight(data), pull=adamix.pull)
+
+  def run_inputs(self, method: str, data: SeedData) -> dict:
+    """The start, public data, subspace and fallback basis of a DP method.
+
+    DP-SGD uses no public data at all: zero start, fixed clipping norm.
+    """
+    dim = data.private_x.shape[1]
+    zeros = linear.zeros(dim, data.num_classes)
+    if method == "dp_sgd":
+      return dict(anchor_params=zeros, public_x=data.public_x[:0],
+                  public_y=data.public_y[:0],
+                  subspace=settings_lib.SubspaceSpec(), fallback_basis=None)
+    adamix = self.config.adamix
+    return dict(
+        anchor_params=data.public_params if adamix.public_init else zeros,
+        public_x=data.public_x, public_y=data.public_y,
+        subspace=settings_lib.SubspaceSpec(
+            adamix.subspace, adamix.subspace_rank, adamix.refresh_every,
+            method=adamix.subspace_method),
+        fallback_basis=(np.asarray(linear.stack(data.public_params))
+                        if data.zero_shot else None))
+
+  def flags(self) -> settings_lib.PerformanceFlags:
+    return settings_lib.PerformanceFlags(path=self.config.train.path)
+
+  def train_dp(self, method: str, epsilon: float, seed: int, data: SeedData,
+               *, mesh=None, checkpoint_dir: Optional[str] = None,
+               ledger: Optional[accounting.PrivacyLedger] = None,
+               coins: Optional[randomness.MechanismCoins] = None,
+               progress: Optional[fit_lib.Progress] = None,
+               step_config: Optional[settings_lib.StepConfig] = None) -> DPRun:
+    """One (method, epsilon, seed) private run of the linear head.
+
+    The sampler and the noise use fresh secret coins (``seed`` only picks
+    the split and the public start) unless ``coins`` are given or
+    ``config.insecure_reproducible_noise``. With a ``checkpoint_dir`` the
+    run checkpoints every ``train.checkpoint_every`` steps and resumes.
+    """
+    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
+    config, train = self.config, self.config.train
+    check_delta(config, len(data.private_y))
+    sigma = noise_multiplier(config, epsilon)
+    ledger = ledger or accounting.PrivacyLedger(float(config.delta),
+                                                float(epsilon))
+    step_config = step_config or self.step_config(method, sigma, data)
+    if coins is None and insecure_noise(config):
+      coins = randomness.MechanismCoins.insecure_from_seed(seed)
+    params, resumed_from = _run_with_checkpoints(
+        config, checkpoint_dir, lambda checkpointer:
+        linear_head.train_private_head(
+            data.private_x, data.private_y, config=step_config,
+            steps=num_steps(config), sampling_rate=train.sampling_rate,
+            ledger=ledger, coins=coins, flags=self.flags(),
+            average_tail=train.average_tail, lr_schedule=train.lr_schedule,
+            mesh=mesh, checkpointer=checkpointer, progress=progress,
+            **self.run_inputs(method, data)))
+    return DPRun(params, ledger, _dp_meta(
+        config, method, epsilon, seed, sigma, data, resumed_from,
+        {"public_weight": step_config.public_weight}))
+
+  def test_error(self, params: dict, data: SeedData) -> float:
+    return linear.error_rate(params, data.test_x, data.test_y)
+
+  def params_to_arrays(self, params: dict) -> dict:
+    return {"kernel": np.asarray(params["kernel"]),
+            "bias": np.asarray(params["bias"])}
+
+  def params_from_arrays(self, arrays: dict, data: SeedData) -> dict:
+    del data
+    return {"kernel": arrays["kernel"], "bias": arrays["bias"]}
+
+
+# --- a whole Flax model ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+  # Cached: one optimiser object per setting.
+  return optax.sgd(learning_rate, momentum=momentum or None)
+
+
+class FullModelRecipe:
+  """Every parameter of a Flax model trained privately (a small CNN)."""
+
+  kind = "cnn"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def model(self, num_classes: int):
+    from adamix_jax.models import cnn  # pylint: disable=g-import-not-at-top
+    model = self.config.model
+    return cnn.SmallCNN(num_classes=num_classes, channels=tuple(model.channels),
+                        hidden=model.hidden)
+
+  def _images(self, x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).reshape(
+        (-1,) + tuple(self.config.image_shape))
+
+  def _template(self, num_classes: int, seed: int, example: np.ndarray):
+    return jax.tree_util.tree_map(np.asarray, self.model(num_classes).init(
+        jax.random.key(seed), example[:1])["params"])
+
+  def _fit(self, num_classes, params, x, y):
+    from adamix_jax.train import full_model  # pylint: disable=g-import-not-at-top
+    non_private = self.config.non_private
+    return full_model.fit_non_private(
+        full_model.classification_loss(self.model(num_classes)), params, x, y,
+        steps=non_private.steps, learning_rate=non_private.learning_rate,
+        weight_decay=non_private.weight_decay)
+
+  def public_init(self, x_public_raw, y_public, class_names, seed: int,
+                  dim: int) -> tuple[dict, dict]:
+    del dim
+    if len(y_public) == 0:
+      raise ValueError("the full-model recipe needs public examples "
+                       "(config.public_per_class > 0).")
+    x = self._images(x_public_raw)
+    template = self._template(len(class_names), seed, x)
+    w0 = self._fit(len(class_names), template, x, y_public)
+    return ({"params": np.asarray(ravel_pytree(w0)[0])},
+            {"seed": seed, "public_examples": int(len(y_public)),
+             "init": "few_shot", "steps": self.config.non_private.steps})
+
+  def seed_data(self, features: dict, public_idx, private_idx,
+                saved: dict) -> SeedData:
+    num_classes = len(features["class_names"])
+    x_train = self._images(features["x_train"])
+    seed_template = self._template(num_classes, 0, x_train)
+    _, unravel = ravel_pytree(seed_template)
+    return SeedData(
+        public_x=x_train[public_idx], public_y=features["y_train"][public_idx],
+        private_x=x_train[private_idx],
+        private_y=features["y_train"][private_idx],
+        test_x=self._images(features["x_test"]), test_y=features["y_test"],
+        num_classes=num_classes,
+        public_params=jax.tree_util.tree_map(np.asarray,
+                                             unravel(saved["params"])),
+        zero_shot=False)
+
+  def paragon(self, data: SeedData, seed: int) -> tuple[Any, dict]:
+    """Non-private: full-batch AdamW on all training images, from the
+    seed's random init, for ``non_private.steps`` steps."""
+    x = np.concatenate([data.public_x, data.private_x])
+    y = np.concatenate([data.public_y, data.private_y])
+    template = self._template(data.num_classes, seed, x)
+    return self._fit(data.num_classes, template, x, y), {
+        "steps": self.config.non_private.steps}
+
+  def train_dp(self, method: str, epsilon: float, seed: int, data: SeedData,
+               *, mesh=None, checkpoint_dir: Optional[str] = None,
+               ledger: Optional[accounting.PrivacyLedger] = None,
+               coins: Optional[randomness.MechanismCoins] = None,
+               progress: Optional[fit_lib.Progress] = None) -> DPRun:
+    from adamix_jax.train import full_model  # pylint: disable=g-import-not-at-top
+    config, train, adamix = self.config, self.config.train, self.config.adamix
+    check_delta(config, len(data.private_y))
+    sigma = noise_multiplier(config, epsilon)
+    ledger = ledger or accounting.PrivacyLedger(float(config.delta),
+                                                float(epsilon))
+    common = dict(noise_multiplier=sigma,
+                  expected_batch_size=train.sampling_rate * len(data.private_y),
+                  clip_norm=train.clip_norm, normalize_by_threshold=True)
+    if method == "dp_sgd":  # no public data at all: random init, fixed C
+      step_config = settings_lib.StepConfig(**common)
+      init = self._template(data.num_classes, seed, data.private_x)
+      public = (data.public_x[:0], data.public_y[:0])
+      subspace = settings_lib.SubspaceSpec()
+    else:
+      step_config = settings_lib.StepConfig(
+          **common, adaptive_threshold=adamix.adaptive_threshold,
+          threshold_quantile=adamix.threshold_quantile)
+      init, public = data.public_params, (data.public_x, data.public_y)
+      subspace = settings_lib.SubspaceSpec(
+          "gradients" if adamix.projection_rank else "none",
+          adamix.projection_rank, adamix.refresh_every)
+    if coins is None and insecure_noise(config):
+      coins = randomness.MechanismCoins.insecure_from_seed(seed)
+    model = self.model(data.num_classes)
+    params, resumed_from = _run_with_checkpoints(
+        config, checkpoint_dir, lambda checkpointer:
+        full_model.train_full_model(
+            full_model.classification_loss(model), init, data.private_x,
+            data.private_y, *public, step_config,
+            _sgd(float(train.learning_rate), float(train.momentum)),
+            steps=num_steps(config), sampling_rate=train.sampling_rate,
+            ledger=ledger, coins=coins, subspace=subspace,
+            flags=settings_lib.PerformanceFlags(
+                microbatch_size=train.microbatch_size or None),
+            mesh=mesh, checkpointer=checkpointer, progress=progress,
+            # The optimiser is a closure: its settings are fingerprinted here.
+            fingerprint={"train": repr(sorted(train.to_dict().items()))}))
+    return DPRun(params, ledger, _dp_meta(config, method, epsilon, seed,
+                                          sigma, data, resumed_from))
+
+  def test_error(self, params, data: SeedData) -> float:
+    from adamix_jax.train import full_model  # pylint: disable=g-import-not-at-top
+    return full_model.error_rate(self.model(data.num_classes), params,
+                                 data.test_x, data.test_y)
+
+  def params_to_arrays(self, params) -> dict:
+    return {"params": np.asarray(ravel_pytree(params)[0])}
+
+  def params_from_arrays(self, arrays: dict, data: SeedData):
+    _, unravel = ravel_pytree(data.public_params)
+    return jax.tree_util.tree_map(np.asarray, unravel(arrays["params"]))
+
+
+def make_recipe(config: ml_collections.ConfigDict):
+  """The recipe of ``config.model.kind``."""
+  if model_kind(config) == "cnn":
+    return FullModelRecipe(config)
+  return LinearHeadRecipe(config)

@@ -1,0 +1,111 @@
+"""A run's working directory: where each stage writes, and what it holds.
+
+A workdir remembers the config that made it (``config.json``) and refuses
+another one, so outputs of two configurations never mix. Stage outputs are
+written atomically (``adamix_jax.io``); a damaged one is reported, never
+removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from adamix_jax import io
+
+# Not part of the experiment: a run with another value is the same run.
+UNSAVED_FIELDS = ("progress",)
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds outputs made with a different configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """Paths of one run's outputs (see WORKSPACE.md "How a run flows")."""
+
+  root: str
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def features(self) -> str:
+    return self.path("features", "features.npz")
+
+  @property
+  def splits(self) -> str:
+    return self.path("features", "splits.npz")
+
+  def public_init(self, seed: int) -> str:
+    return self.path("public_init", f"seed_{seed}.npz")
+
+  def run_dir(self, method: str, seed: int, epsilon: Optional[float]) -> str:
+    if epsilon is None:
+      return self.path("private", method, f"seed_{seed}")
+    return self.path("private", method, f"eps_{epsilon:g}", f"seed_{seed}")
+
+
+def _saved_form(config: ml_collections.ConfigDict) -> dict:
+  current = config.to_dict()
+  for field in UNSAVED_FIELDS:
+    current.pop(field, None)
+  return io.load_json_string(io.dump_json_string(current))
+
+
+def check_or_save_config(config: ml_collections.ConfigDict,
+                         workdir: Workdir) -> None:
+  """Refuses to mix outputs of two different configs in one workdir."""
+  path = workdir.path("config.json")
+  current = _saved_form(config)
+  if os.path.exists(path):
+    saved = load_json_output(path, "the first run of this workdir")
+    for field in UNSAVED_FIELDS:
+      saved.pop(field, None)
+    if saved != current:
+      changed = sorted(k for k in set(saved) | set(current)
+                       if saved.get(k) != current.get(k))
+      raise ConfigMismatchError(
+          f"{workdir.root} holds a run made with a different config (fields "
+          f"{changed} differ). Use a new --workdir, or restore the old "
+          "config; nothing in the workdir was changed.")
+  else:
+    io.save_json(path, current)
+
+
+def load_npz_output(path: str, stage: str) -> dict[str, np.ndarray]:
+  """Reads one stage's npz output; a damaged file is reported, never removed.
+
+  Stages skip outputs that exist, so rerunning alone would keep a truncated
+  file forever: the message says to delete it first.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage "
+                            f"first (--stages={stage},...).")
+  try:
+    return io.load_npz(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise ValueError(
+        f"{path} is unreadable: truncated or corrupt ({type(error).__name__}: "
+        f"{error}). It was left in place: delete it and rerun the {stage!r} "
+        f"stage (--stages={stage},...) to rebuild it.") from error
+
+
+def load_json_output(path: str, stage: str):
+  """Reads one JSON output; a damaged file is reported, never removed."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage "
+                            f"first.")
+  try:
+    return io.load_json(path)
+  except (OSError, ValueError) as error:
+    raise ValueError(
+        f"{path} is unreadable: truncated or corrupt ({type(error).__name__}: "
+        f"{error}). It was left in place: delete it and rerun {stage} to "
+        "rebuild it.") from error
