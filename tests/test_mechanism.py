@@ -2,9 +2,10 @@
 
 Each guarantee is checked once, parametrised over the backends that feed
 ``privacy.mechanism`` (materialised per-example gradients, with a pre-clip
-projection, vmap on a model, microbatched, the linear head's closed forms
-in each subspace, the dual form's kernel rows, a shard-mapped batch on 8
-devices, GSPMD on a sharded batch):
+projection, vmap on a model, microbatched, a shard-mapped batch on 8
+devices, ghost norms (one device and shard-mapped), the ghost and JVP
+projections, the linear head's closed forms in each subspace, the dual
+form's kernel rows):
 
 * invariant 1: neighbouring batches (one huge example added by its mask)
   give clipped sums within C of each other (a control without clipping
@@ -35,8 +36,10 @@ from adamix_jax.adamix import linear_step
 from adamix_jax.adamix import settings
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.models import linear
+from adamix_jax.privacy import ghost
 from adamix_jax.privacy import mechanism
 from adamix_jax.privacy import per_example
+from adamix_jax.privacy import projection
 from adamix_jax.train import linear_head
 from multidevice_helpers import NUM_DEVICES
 
@@ -147,18 +150,41 @@ def _sharded(x, y):
                                mesh=mesh)
 
 
+def _ghost(x, y):
+  return ghost.capture(_MODEL, _PARAMS["params"], (x, y))
+
+
+def _sharded_ghost(x, y):
+  mesh = parallel.make_data_mesh(NUM_DEVICES)
+  local = lambda batch, params: ghost.capture(_MODEL, params, batch)
+  return mechanism.ShardMapped(make=local, batch=(x, y),
+                               replicated=_PARAMS["params"], mesh=mesh)
+
+
+def _projected_rows(x, y):
+  return _model_rows(x, y) @ np.asarray(_PROJECTION, np.float64)
+
+
 BACKENDS = [
     Backend("per_example_grads", lambda x, y: per_example.PerExampleGradients
             .create(per_example.per_example_grads(_model_loss, _PARAMS,
                                                   (x, y))), _model_rows),
     Backend("projected_before_clipping", lambda x, y: per_example
             .vmap_contributions(_model_loss, _PARAMS, (x, y), _project),
-            lambda x, y: _model_rows(x, y) @ np.asarray(_PROJECTION,
-                                                        np.float64)),
+            _projected_rows),
     Backend("microbatched", lambda x, y: per_example.vmap_contributions(
         _model_loss, _PARAMS, (x, y), microbatch_size=4), _model_rows),
     Backend("shard_mapped_8_devices", _sharded, _model_rows,
             mesh_devices=NUM_DEVICES),
+    Backend("ghost_norms", _ghost, _model_rows),
+    Backend("ghost_shard_mapped_8_devices", _sharded_ghost, _model_rows,
+            mesh_devices=NUM_DEVICES),
+    Backend("ghost_projection", lambda x, y: per_example.PerExampleGradients
+            .create(_ghost(x, y).project(_PROJECTION)), _projected_rows),
+    Backend("jvp_projection", lambda x, y: per_example.PerExampleGradients
+            .create(projection.jvp_coefficients(_model_loss, _PARAMS, (x, y),
+                                                _PROJECTION)),
+            _projected_rows),
     _linear_backend("none"),
     _linear_backend("features"),
     _linear_backend("gradients"),

@@ -27,7 +27,7 @@ GRADIENT_METHODS = ("eigh", "iterative")
 PATHS = ("closed_form", "vmap")
 REPRESENTATIONS = ("auto", "matrix", "dual")
 CLIPPING_METHODS = ("auto", "vmap", "ghost")
-PROJECTION_METHODS = ("auto", "vmap", "jvp")
+PROJECTION_METHODS = ("auto", "vmap", "jvp", "ghost")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +175,10 @@ class PerformanceFlags:
     from layer inputs and output gradients, no per-example gradients; see
     privacy.ghost) or "auto" (ghost where every layer supports it).
   projection: full models with a subspace: "vmap" (project explicit
-    per-example gradients) or "jvp" (forward-mode directional derivatives,
-    no per-example gradients) or "auto".
+    per-example gradients), "jvp" (forward-mode directional derivatives, no
+    per-example gradients, least memory), "ghost" (the coefficients from the
+    ghost capture's layer inputs and output gradients) or "auto" (ghost when
+    the clipping is ghost, else vmap).
   """
 
   path: str = "closed_form"

@@ -95,7 +95,7 @@ class PrivateTrainState(train_state.TrainState):
                                         self.params, mask=mask,
                                         public_grads=public_grads)
     params = optax.apply_updates(self.params, updates)
-    in_tail = self.step >= average_from
+    in_tail = jnp.asarray(self.step >= average_from)
     averaged = self.averaged_steps + in_tail.astype(jnp.int32)
     return self.replace(
         step=self.step + 1, params=params, opt_state=opt_state,

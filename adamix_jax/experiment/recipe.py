@@ -464,7 +464,8 @@ class FullModelRecipe:
                 microbatch_size=train.microbatch_size or None),
             mesh=mesh, checkpointer=checkpointer, progress=progress,
             # The optimiser is a closure: its settings are fingerprinted here.
-            fingerprint={"train": repr(sorted(train.to_dict().items()))}))
+            fingerprint={"train": repr(sorted(train.to_dict().items()))},
+            model=model))
     return DPRun(params, ledger, _dp_meta(config, method, epsilon, seed,
                                           sigma, data, resumed_from))
 

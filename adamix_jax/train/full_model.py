@@ -46,8 +46,10 @@ from adamix_jax.adamix import train_state as train_state_lib
 from adamix_jax.adamix import transform as transform_lib
 from adamix_jax.data import validation
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import ghost
 from adamix_jax.privacy import mechanism
 from adamix_jax.privacy import per_example
+from adamix_jax.privacy import projection
 from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
 from adamix_jax.train import checkpoint as checkpoint_lib
@@ -70,18 +72,46 @@ def classification_loss(model) -> ExampleLoss:
   return train_state_lib.classification_loss(model.apply)
 
 
+def resolve_clipping(flags: PerformanceFlags, model) -> str:
+  """"ghost" or "vmap": ghost norms need the Flax model (and its softmax
+  cross-entropy loss); "auto" uses them whenever the model is known."""
+  if flags.clipping == "ghost" and model is None:
+    raise ValueError("clipping='ghost' needs the Flax model "
+                     "(train_full_model(..., model=model)).")
+  if flags.clipping == "auto":
+    return "ghost" if model is not None else "vmap"
+  return flags.clipping
+
+
 def contributions_fn(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
-                     flags: PerformanceFlags, mesh: Optional[Mesh] = None
-                     ) -> transform_lib.ContributionsFn:
+                     flags: PerformanceFlags, mesh: Optional[Mesh] = None,
+                     model=None) -> transform_lib.ContributionsFn:
   """basis -> the private batch's contributions (the mechanism's backend).
 
-  vmap per-example gradients (``flags.microbatch_size`` at a time),
-  projected onto the basis before clipping; on a ``mesh`` each device does
-  its own rows inside ``shard_map``.
+  Without a basis: ghost norms and book-kept sums (``privacy.ghost``, no
+  per-example gradients) or vmap per-example gradients
+  (``flags.microbatch_size`` at a time). With a basis, each example's
+  coefficients V^T g_i, taken before clipping: from the ghost capture, by
+  forward-mode products (``privacy.projection``) or from vmap gradients. On
+  a ``mesh`` each device does its own rows inside ``shard_map``.
   """
+  clipping = resolve_clipping(flags, model)
+  projection_method = flags.projection
+  if projection_method == "auto":
+    projection_method = "ghost" if clipping == "ghost" else "vmap"
+  if projection_method == "ghost" and model is None:
+    raise ValueError("projection='ghost' needs the Flax model.")
 
   def local(local_batch, replicated):
     params, basis = replicated
+    if basis is None and clipping == "ghost":
+      return ghost.capture(model, params, local_batch)
+    if basis is not None and projection_method == "ghost":
+      return per_example.PerExampleGradients.create(
+          ghost.capture(model, params, local_batch).project(basis))
+    if basis is not None and projection_method == "jvp":
+      return per_example.PerExampleGradients.create(
+          projection.jvp_coefficients(loss_fn, params, local_batch, basis))
     return per_example.vmap_contributions(
         loss_fn, params, local_batch, transform_lib.projector(basis),
         microbatch_size=flags.microbatch_size)
@@ -95,11 +125,11 @@ def contributions_fn(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
   return make
 
 
-def _private_step(flags: PerformanceFlags, mesh: Optional[Mesh],
+def _private_step(flags: PerformanceFlags, mesh: Optional[Mesh], model,
                   state: train_state_lib.PrivateTrainState, x, y, mask,
                   public, average_from):
   contributions = contributions_fn(state.loss_fn, state.params, (x, y),
-                                   flags, mesh)
+                                   flags, mesh, model)
   return state.private_step((x, y), mask, public, average_from,
                             contributions=contributions)
 
@@ -115,7 +145,7 @@ class FullModelProgram:
                flags: PerformanceFlags = PerformanceFlags(),
                average_tail: float = 0.0, anchor: Optional[PyTree] = None,
                mesh: Optional[Mesh] = None,
-               fingerprint: Optional[dict] = None):
+               fingerprint: Optional[dict] = None, model=None):
     if subspace.kind == "features":
       raise ValueError("full models project onto a 'gradients' subspace (or "
                        "'none'); 'features' is for linear heads.")
@@ -135,6 +165,9 @@ class FullModelProgram:
     validation.check_same_length("public set", features=self.public_x,
                                  labels=self.public_y)
     self.loss_fn, self.config, self.optimizer = loss_fn, config, optimizer
+    self.model = model
+    if model is not None:
+      resolve_clipping(flags, model)
     self.spec, self.flags, self.mesh = subspace, flags, mesh
     self.anchor = anchor
     self.placement = placement_lib.placement_for(mesh)
@@ -162,7 +195,7 @@ class FullModelProgram:
       self.public = self.placement.replicate(
           (self.public_x, self.public_y.astype(np.int32)))
     self._step = placement_lib.cached_jit(
-        mesh, _private_step, static_argnums=(0, 1), donate_argnums=(2,))
+        mesh, _private_step, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
   # --- fit's Program interface ----------------------------------------------
 
@@ -192,8 +225,8 @@ class FullModelProgram:
     x, y, mask = self.placement.shard_batch(
         (self.private_x[batch.indices],
          self.private_y[batch.indices].astype(np.int32), batch.mask))
-    state = self._step(self.flags, self.mesh, state, x, y, mask, self.public,
-                       self.average_from)
+    state = self._step(self.flags, self.mesh, self.model, state, x, y, mask,
+                       self.public, self.average_from)
     return state, transform_lib.find_state(state.opt_state)
 
   def release(self, state) -> PyTree:
@@ -223,8 +256,8 @@ def train_full_model(loss_fn: ExampleLoss,
                          checkpoint_lib.RunCheckpointer] = None,
                      fingerprint: Optional[dict] = None,
                      progress: Optional[fit_lib.Progress] = None,
-                     on_step: Optional[Callable[[int, Any], None]] = None
-                     ) -> PyTree:
+                     on_step: Optional[Callable[[int, Any], None]] = None,
+                     model=None) -> PyTree:
   """Runs ``steps`` private steps of any model from ``init_params``.
 
   Args:
@@ -257,6 +290,10 @@ def train_full_model(loss_fn: ExampleLoss,
       put them in ``fingerprint`` (the experiment passes its config).
     progress: optional progress reporter (``fit.BarProgress()``).
     on_step: optional callback(step, metrics).
+    model: the Flax model whose softmax cross-entropy ``loss_fn`` is
+      (``classification_loss(model)``): enables ghost clipping and the
+      ghost projection (``flags.clipping``/``projection`` "auto"), with no
+      per-example gradients in memory. None: vmap per-example gradients.
 
   Returns:
     The final parameters (numpy leaves).
@@ -265,10 +302,61 @@ def train_full_model(loss_fn: ExampleLoss,
       loss_fn, init_params, private_x, private_y, public_x, public_y, config,
       optimizer, steps=steps, sampling_rate=sampling_rate, subspace=subspace,
       flags=flags, average_tail=average_tail, anchor=anchor, mesh=mesh,
-      fingerprint=fingerprint)
+      fingerprint=fingerprint, model=model)
   return fit_lib.fit(program, steps=steps, ledger=ledger, coins=coins,
                      checkpointer=checkpointer, progress=progress,
                      on_step=on_step)
+
+
+def train_private_model(model, params: PyTree, private: tuple, public: tuple,
+                        *, target_epsilon: float, delta: float, steps: int,
+                        sampling_rate: float,
+                        optimizer: optax.GradientTransformation,
+                        projection_rank: int = 0, refresh_every: int = 10,
+                        threshold_quantile: float = 0.5,
+                        clip_norm: float = 1.0,
+                        mesh: Optional[Mesh] = None,
+                        progress: Optional[fit_lib.Progress] = None
+                        ) -> tuple[PyTree, accounting.PrivacyLedger]:
+  """AdaMix (or, with no public examples, DP-SGD) on a Flax linen classifier.
+
+  Calibrates sigma for (target_epsilon, delta, q, T), then trains from
+  ``params`` (e.g. a model pre-trained on the public examples): each private
+  gradient is projected onto the top ``projection_rank`` public gradient
+  directions (0: no projection), clipped to the median public gradient norm
+  (``threshold_quantile``; the fixed ``clip_norm`` without public examples),
+  noised once and fed to ``optimizer``. Fresh secret coins; one jitted step.
+
+  Args:
+    model: a Flax linen module returning logits for a batch of inputs.
+    params: its starting parameters (``model.init(...)["params"]``).
+    private, public: (inputs, integer labels); ``public`` may be empty.
+    target_epsilon, delta: the privacy budget of the whole run.
+    steps, sampling_rate: T and the Poisson rate q.
+    optimizer: any optax transformation (it sees the privatised gradient).
+
+  Returns:
+    (the final parameters, the privacy ledger of the steps taken).
+  """
+  private_x, private_y = private
+  public_x, public_y = public
+  sigma = accounting.calibrate_noise_multiplier(target_epsilon, delta,
+                                                sampling_rate, steps)
+  has_public = len(public_y) > 0
+  config = StepConfig(noise_multiplier=sigma,
+                      expected_batch_size=sampling_rate * len(private_y),
+                      clip_norm=clip_norm, adaptive_threshold=has_public,
+                      threshold_quantile=threshold_quantile)
+  ledger = accounting.PrivacyLedger(delta, target_epsilon)
+  subspace = SubspaceSpec()
+  if projection_rank and has_public:
+    subspace = SubspaceSpec("gradients", projection_rank, refresh_every)
+  trained = train_full_model(
+      classification_loss(model), params, private_x, private_y, public_x,
+      public_y, config, optimizer, steps=steps, sampling_rate=sampling_rate,
+      ledger=ledger, subspace=subspace, mesh=mesh, progress=progress,
+      model=model)
+  return trained, ledger
 
 
 # --- non-private training (public init, paragon) -----------------------------
