@@ -7,7 +7,6 @@ problem, and, where files exist, that the error deleted none of them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pathlib
@@ -55,17 +54,6 @@ def _flatten_backbone() -> models_base.IdentityBackbone:
   backbone = models_base.IdentityBackbone()
   backbone.name = "flatten"
   return backbone
-
-
-def _files(root) -> dict[str, str]:
-  """Relative path -> sha256 of every file under ``root``."""
-  out = {}
-  for directory, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(directory, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 # --- 1. NaN / inf -------------------------------------------------------------
@@ -238,7 +226,7 @@ def test_bad_input_unknown_method():
 # --- 8. damaged caches and outputs --------------------------------------------
 
 
-def test_bad_input_truncated_feature_cache_entry(tmp_path, caplog):
+def test_bad_input_truncated_feature_cache_entry(tmp_path, caplog, file_hashes):
   images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), np.uint8)
   source = _image_source(images)
   backbone = _flatten_backbone()
@@ -251,7 +239,7 @@ def test_bad_input_truncated_feature_cache_entry(tmp_path, caplog):
   array_path, _ = cache.entry_paths(cache_dir, key)
   with open(array_path, "r+b") as f:
     f.truncate(os.path.getsize(array_path) // 2)
-  others = {k: v for k, v in _files(cache_dir).items()
+  others = {k: v for k, v in file_hashes(cache_dir).items()
             if k != os.path.basename(array_path)}
 
   with caplog.at_level(logging.WARNING):
@@ -261,28 +249,28 @@ def test_bad_input_truncated_feature_cache_entry(tmp_path, caplog):
              for r in caplog.records)
   np.testing.assert_array_equal(rebuilt, train)  # rebuilt, not misread
   assert cache.load(cache_dir, key) is not None
-  after = _files(cache_dir)
+  after = file_hashes(cache_dir)
   assert set(after) == set(others) | {os.path.basename(array_path)}
   assert {k: after[k] for k in others} == others  # no other entry touched
 
 
-def test_bad_input_truncated_workdir_features(tmp_path):
+def test_bad_input_truncated_workdir_features(tmp_path, file_hashes):
   workdir = stages.Workdir(str(tmp_path))
   os.makedirs(os.path.dirname(workdir.features))
   _write_npz_features(pathlib.Path(workdir.features))
   with open(workdir.features, "r+b") as f:
     f.truncate(os.path.getsize(workdir.features) - 20)
-  before = _files(tmp_path)
+  before = file_hashes(tmp_path)
   config = base_config.get_config()
   config.seeds = (0,)
   with pytest.raises(ValueError, match=r"features\.npz is unreadable: "
                      r"truncated or corrupt .*It was left in place: delete it "
                      r"and rerun the 'features' stage"):
     stages.run_public_init(config, workdir)
-  assert _files(tmp_path) == before
+  assert file_hashes(tmp_path) == before
 
 
-def test_bad_input_error_keeps_workdir_outputs(tmp_path):
+def test_bad_input_error_keeps_workdir_outputs(tmp_path, file_hashes):
   # delta = 1e-3 >= 1/n_private (about 1200 private digits) is only refused
   # by the private stage, after the first two stages have written outputs.
   config = digits.get_config()
@@ -290,16 +278,16 @@ def test_bad_input_error_keeps_workdir_outputs(tmp_path):
                 cv_folds=2, progress=False)
   workdir = str(tmp_path)
   stages.run(config, workdir, stages=("features", "public_init"))
-  before = _files(workdir)
+  before = file_hashes(workdir)
   assert {"config.json", "features/features.npz", "features/splits.npz",
           "public_init/seed_0.npz"} <= set(before)
 
   with pytest.raises(ValueError, match="allow_large_delta"):
     stages.run(config, workdir, stages=("private",))  # fails mid-stage
-  assert _files(workdir) == before
+  assert file_hashes(workdir) == before
   bad = digits.get_config()
   bad.update(seeds=(0,), methods=("dp_sgd",), epsilons=(0.0,), delta=1e-3,
              cv_folds=2, progress=False)
   with pytest.raises(ValueError, match="epsilon must be > 0"):
     stages.run(bad, workdir)  # fails validation
-  assert _files(workdir) == before
+  assert file_hashes(workdir) == before

@@ -50,6 +50,7 @@ from adamix_jax.adamix import settings as settings_lib
 from adamix_jax.adamix import threshold as threshold_lib
 from adamix_jax.privacy import mechanism
 from adamix_jax.privacy import per_example
+from adamix_jax.privacy import transform as privacy_transform
 
 PyTree = Any
 ContributionsFn = Callable[[Optional[jax.Array]], Any]
@@ -160,6 +161,8 @@ def adamix(config: settings_lib.StepConfig, *, key: jax.Array,
     else:
       contributions = per_example.PerExampleGradients.create(
           updates, projector(use_basis))
+      mask = privacy_transform.check_mask(mask,
+                                          contributions.row_norms.shape[0])
     noise_key, next_key = jax.random.split(state.noise_key)
     noisy, stats = mechanism.privatize(
         contributions, threshold, mask, noise_key,

@@ -98,7 +98,14 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray
       raise ValueError(f"{where}: labels must be integers, got dtype "
                        f"{labels.dtype} with non-integer values.")
   labels = labels.astype(np.int64)
-  bad = (labels < 0) | (labels >= num_classes)
+  negative = labels < 0
+  if np.any(negative):
+    raise ValueError(
+        f"{where}: {int(negative.sum())} negative label(s), e.g. "
+        f"{labels[negative][:5].tolist()}. Labels are class indices "
+        "0, 1, 2, ...: remap them (e.g. with np.unique(labels, "
+        "return_inverse=True)).")
+  bad = labels >= num_classes
   if np.any(bad):
     raise ValueError(
         f"{where}: {int(bad.sum())} label(s) outside [0, {num_classes}), e.g. "

@@ -81,8 +81,14 @@ class ImageFolderSplit:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     path = self.paths[index]
-    with _pil().open(path) as pil_image:
-      image = to_rgb_uint8(pil_image, where=str(path))
+    try:
+      with _pil().open(path) as pil_image:
+        image = to_rgb_uint8(pil_image, where=str(path))
+    except OSError as error:  # PIL's unreadable / truncated images
+      raise ValueError(
+          f"{path}: cannot read this image ({type(error).__name__}: {error}). "
+          "Replace or remove the file, then rerun (finished stages are "
+          "kept).") from error
     return image, int(self.labels[index])
 
   def as_array(self) -> None:
@@ -219,6 +225,15 @@ class ImageFolderSource:
     return {split: ImageFolderSplit(paths[split],
                                     np.asarray(labels[split], dtype=np.int64))
             for split in ("train", "test")}
+
+  def fingerprint(self) -> str:
+    """sha256 of every image's relative path, label and bytes."""
+    from adamix_jax.data import fingerprint  # pylint: disable=g-import-not-at-top
+    paths, extra = [], [self.layout, "|".join(self.class_names)]
+    for name, split in sorted(self._splits.items()):
+      paths += list(split.paths)
+      extra.append(f"{name}:{','.join(map(str, split.labels.tolist()))}")
+    return fingerprint.files_fingerprint(self.root, paths, "|".join(extra))
 
   def split(self, name: str) -> ImageFolderSplit:
     if name not in self._splits:

@@ -222,6 +222,23 @@ class TfdsSource:
     found = self.split("train").label_names()
     return tuple(found.get(i, name) for i, name in enumerate(names))
 
+  def fingerprint(self) -> str:
+    """The builder's identity, its prepared files (names and sizes) and
+    every split's labels (prepared TFDS files are immutable per version)."""
+    from adamix_jax.data import fingerprint  # pylint: disable=g-import-not-at-top
+    info = self._builder.info
+    parts = [self.spec.builder, str(info.version),
+             str(getattr(self._builder, "builder_config", None))]
+    data_dir = os.fspath(self._builder.data_dir)
+    if os.path.isdir(data_dir):
+      for entry in sorted(os.listdir(data_dir)):
+        parts.append(f"{entry}:{os.path.getsize(os.path.join(data_dir, entry))}")
+    labels = [self.split(name).labels for name in self.spec.splits]
+    digest = fingerprint.hashlib.sha256("|".join(parts).encode())
+    for array in labels:
+      fingerprint.hash_array(digest, array)
+    return digest.hexdigest()[:16]
+
   def split(self, name: str) -> TfdsSplit:
     """Opens (once) and returns our split ``name``, e.g. "train".
 

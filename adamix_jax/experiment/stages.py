@@ -25,6 +25,7 @@ import numpy as np
 
 from adamix_jax import data as data_lib
 from adamix_jax import io
+from adamix_jax.data import fingerprint as fingerprint_lib
 from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.experiment import report as report_lib
 from adamix_jax.experiment import workdir as workdir_lib
@@ -50,10 +51,31 @@ def _feature_cache_dir(config) -> str:
   return os.path.join(base, "adamix_jax", "features")
 
 
+class DataChangedError(ValueError):
+  """The workdir's outputs were computed from other data than the source's
+  current content."""
+
+
+def _check_source_unchanged(config, workdir: Workdir, fingerprint: str) -> None:
+  path = workdir.path("features", "source.json")
+  if not os.path.exists(path):
+    return  # made before sources were fingerprinted: nothing to compare
+  recorded = workdir_lib.load_json_output(path, "features")
+  if recorded.get("fingerprint") != fingerprint:
+    raise DataChangedError(
+        f"The data of dataset {config.dataset!r} changed since {workdir.root} "
+        f"was made (fingerprint {recorded.get('fingerprint')} -> "
+        f"{fingerprint}): its features, splits and results belong to the old "
+        "data. Use a new --workdir for the new data, or restore the old data; "
+        "nothing in the workdir was changed.")
+
+
 def run_features(config, workdir: Workdir) -> None:
-  if os.path.exists(workdir.features) and os.path.exists(workdir.splits):
-    return
   source = data_lib.get_source(config.dataset, **config.dataset_kwargs.to_dict())
+  fingerprint = fingerprint_lib.source_fingerprint(source)
+  if os.path.exists(workdir.features) and os.path.exists(workdir.splits):
+    _check_source_unchanged(config, workdir, fingerprint)
+    return
   num_classes = len(source.class_names)
   train_labels = data_lib.check_labels(source.split("train").labels,
                                        num_classes, f"{config.dataset} train")
@@ -96,10 +118,12 @@ def run_features(config, workdir: Workdir) -> None:
     cache_dir = _feature_cache_dir(config)
     x_train = features_lib.extract_features(
         train_source, "train", backbone, cache_dir,
-        batch_size=config.feature_batch_size, progress=config.progress)
+        batch_size=config.feature_batch_size, progress=config.progress,
+        data_fingerprint=fingerprint)
     x_test = features_lib.extract_features(
         test_source, "test", backbone, cache_dir,
-        batch_size=config.feature_batch_size, progress=config.progress)
+        batch_size=config.feature_batch_size, progress=config.progress,
+        data_fingerprint=fingerprint)
     y_train = train_source.split("train").labels
     y_test = test_source.split("test").labels
   x_train = x_train.reshape(len(x_train), -1)
@@ -114,6 +138,10 @@ def run_features(config, workdir: Workdir) -> None:
         [position[int(i)] for i in split.public], np.int64)
     split_arrays[f"private_{seed}"] = np.array(
         [position[int(i)] for i in split.private], np.int64)
+  io.save_json(workdir.path("features", "source.json"),
+               {"dataset": config.dataset, "fingerprint": fingerprint,
+                "train_examples": len(train_labels),
+                "test_examples": len(test_split)})
   io.save_npz(workdir.splits, **split_arrays)
   io.save_npz(workdir.features, x_train=x_train, y_train=np.asarray(y_train),
               x_test=x_test, y_test=np.asarray(y_test),
@@ -232,6 +260,14 @@ def run_accounting(config, workdir: Workdir) -> None:
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} is missing: run the 'private' stage.")
     ledger = accounting.PrivacyLedger.load(path)
+    meta = workdir_lib.load_json_output(
+        os.path.join(workdir.run_dir(method, seed, epsilon), "meta.json"),
+        "the 'private' stage")
+    if ledger.total_steps != meta["steps"]:
+      raise accounting.BudgetExceededError(
+          f"{path} records {ledger.total_steps} steps but the run took "
+          f"{meta['steps']}: the ledger does not cover the released model. "
+          "Do not report this run; rerun it in a new workdir.")
     spent_pld = ledger.epsilon("pld")
     spent_rdp = ledger.epsilon("rdp")
     entry = {"method": method, "epsilon": epsilon, "seed": seed,
@@ -313,20 +349,20 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"Unknown stage(s) {unknown}; stages are {list(STAGES)}.")
   recipe_lib.validate_config(config)
   wd = Workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_or_save_config(config, wd)
   runners = {"features": run_features, "public_init": run_public_init,
              "private": lambda c, w: run_private(c, w, mesh=mesh),
              "accounting": run_accounting}
   records = None
-  for stage in STAGES:
-    if stage not in stages:
-      continue
-    start = time.time()
-    if stage == "report":
-      records = run_report(config, wd, command)
-    else:
-      runners[stage](config, wd)
-    if config.progress:
-      print(f"stage {stage}: done in {time.time() - start:.1f}s", flush=True)
+  with workdir_lib.exclusive(workdir):
+    workdir_lib.check_or_save_config(config, wd)
+    for stage in STAGES:
+      if stage not in stages:
+        continue
+      start = time.time()
+      if stage == "report":
+        records = run_report(config, wd, command)
+      else:
+        runners[stage](config, wd)
+      if config.progress:
+        print(f"stage {stage}: done in {time.time() - start:.1f}s", flush=True)
   return records

@@ -8,7 +8,10 @@ removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import os
 import zipfile
 from typing import Optional
@@ -24,6 +27,41 @@ UNSAVED_FIELDS = ("progress",)
 
 class ConfigMismatchError(ValueError):
   """The workdir holds outputs made with a different configuration."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another process is running in the same workdir."""
+
+
+@contextlib.contextmanager
+def exclusive(root: str):
+  """Holds an exclusive lock on ``root`` for the duration of a run.
+
+  Two runs in one workdir would write the same checkpoints and outputs (one
+  dies with a raw orbax error, or worse, both finish): the second is
+  refused at once. The kernel releases the lock when the holder exits, even
+  by SIGKILL, so a killed run never blocks its resume.
+  """
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, ".lock")
+  handle = open(path, "a+")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "unknown"
+      raise WorkdirBusyError(
+          f"Another process is running in {root} ({holder}). Wait for it to "
+          "finish, or use another --workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started "
+                 f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    handle.flush()
+    yield
+  finally:
+    handle.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,8 @@ def labels_fingerprint(labels: np.ndarray) -> str:
 
 def cache_key(dataset: str, split: str, backbone: str,
               backbone_image_size: int | None, resolution: int | None,
-              labels: np.ndarray) -> dict[str, Any]:
+              labels: np.ndarray,
+              data_fingerprint: str | None = None) -> dict[str, Any]:
   """Everything that determines an entry's content, as a JSON-able dict.
 
   Args:
@@ -56,6 +57,9 @@ def cache_key(dataset: str, split: str, backbone: str,
     resolution: The size images were resized to before the backbone, or None.
     labels: The split's labels; their count and fingerprint catch a dataset
       that changed under the same name.
+    data_fingerprint: a digest of the source's content
+      (``data.fingerprint.source_fingerprint``): two folders with the same
+      name, size and label order never share an entry.
 
   Returns:
     The key.
@@ -70,6 +74,7 @@ def cache_key(dataset: str, split: str, backbone: str,
       "resolution": None if resolution is None else int(resolution),
       "num_examples": int(len(labels)),
       "labels_sha256": labels_fingerprint(labels),
+      "data_fingerprint": data_fingerprint,
   }
 
 

@@ -105,7 +105,8 @@ def compute_features(split: data_base.LabeledSplit,
 def extract_features(source: data_base.Source, split_name: str,
                      backbone: models_base.Backbone, cache_dir: str | None,
                      batch_size: int = 64, resolution: int | None = None,
-                     progress: bool = True) -> np.ndarray:
+                     progress: bool = True,
+                     data_fingerprint: str | None = None) -> np.ndarray:
   """Returns the float32 ``(N, D)`` features of one split, computed once.
 
   Features are cached under ``cache_dir`` keyed by (dataset, split, backbone,
@@ -125,6 +126,7 @@ def extract_features(source: data_base.Source, split_name: str,
     batch_size: Items per device call.
     resolution: Optional pre-backbone image size (see ``compute_features``).
     progress: Whether to show a progress bar.
+    data_fingerprint: the source's content digest, part of the cache key.
 
   Returns:
     The features, row i for item i of the split.
@@ -152,7 +154,8 @@ def extract_features(source: data_base.Source, split_name: str,
                             description=where)
 
   key = cache.cache_key(source.name, split_name, backbone.name,
-                        backbone.image_size, resolution, labels)
+                        backbone.image_size, resolution, labels,
+                        data_fingerprint)
   cached = cache.load(cache_dir, key)
   if cached is not None:
     logger.info("Feature cache hit for %s with %s.", where, backbone.name)

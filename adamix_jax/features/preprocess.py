@@ -32,11 +32,26 @@ class Preprocessor:
   transform: np.ndarray | None  # (d, d) or None
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32) - self.mean
+    # float64: squaring float32 features of magnitude 1e19 or more overflows
+    # to inf, and x / inf would silently turn every row into zeros.
+    x = np.asarray(x, np.float64)
+    bad = ~np.all(np.isfinite(x), axis=1)
+    if np.any(bad):
+      raise ValueError(
+          f"{int(bad.sum())} feature row(s) hold NaN or inf (rows "
+          f"{np.flatnonzero(bad)[:5].tolist()}): clean or drop them.")
+    x = x - self.mean
     if self.transform is not None:
       x = x @ self.transform
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    zero = norms[:, 0] == 0
+    if np.any(zero):
+      raise ValueError(
+          f"{int(zero.sum())} feature row(s) are zero after centering (rows "
+          f"{np.flatnonzero(zero)[:5].tolist()}): they carry no direction to "
+          "normalise. Drop them, or use preprocess='none' for all-zero "
+          "inputs.")
+    return (x / norms).astype(np.float32)
 
   def to_arrays(self) -> dict[str, np.ndarray]:
     arrays = {"preprocess_mode": np.array(self.mode),

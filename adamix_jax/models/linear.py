@@ -8,23 +8,11 @@ gradient is the outer product x~ (softmax(x~ W~) - y)^T.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Params = dict
-
-
-class LinearHead(nn.Module):
-  """Dense layer to ``num_classes`` logits (for the general vmap path)."""
-
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(x)
 
 
 def zeros(dim: int, num_classes: int) -> Params:
@@ -55,20 +43,6 @@ def residuals(matrix: jax.Array, x_aug: jax.Array, y: jax.Array) -> jax.Array:
   return jax.nn.softmax(x_aug @ matrix) - jax.nn.one_hot(y, matrix.shape[1])
 
 
-def example_loss(params: Params, example: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Cross-entropy of ONE example: the loss that the vmap path differentiates."""
-  x, y = example
-  return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y)
-
-
 def error_rate(params: Params, x: np.ndarray, y: np.ndarray) -> float:
   predictions = np.asarray(jnp.argmax(logits(params, jnp.asarray(x)), axis=-1))
   return float(np.mean(predictions != np.asarray(y)))
-
-
-def normalize_features(x: np.ndarray) -> np.ndarray:
-  """Scales each feature vector to unit L2 norm (a per-example map: no data
-  statistics, so it is free privacy-wise, and it bounds ||x~||^2 = 2)."""
-  x = np.asarray(x, np.float32)
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norms, 1e-12)

@@ -92,9 +92,13 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
   The result errs on the private side: its epsilon is at most the target.
   """
-  if not 0 < target_epsilon <= MAX_CALIBRATION_EPSILON:
+  if not target_epsilon > 0:  # also NaN
     raise ValueError(
-        f"target epsilon must be in (0, {MAX_CALIBRATION_EPSILON}], got "
+        f"target epsilon must be > 0, got {target_epsilon}: epsilon 0 would "
+        "need infinite noise. Use a positive budget such as 1.0.")
+  if not target_epsilon <= MAX_CALIBRATION_EPSILON:
+    raise ValueError(
+        f"target epsilon must be at most {MAX_CALIBRATION_EPSILON:g}, got "
         f"{target_epsilon}. Larger targets need almost no noise and make the "
         "PLD accountant discretise an enormous loss range (memory blow-up); "
         "run a non-private method instead.")

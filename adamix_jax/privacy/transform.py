@@ -62,6 +62,19 @@ def _check(clip_norm, noise_multiplier, normalizer):
                      f"{normalizer}.")
 
 
+def check_mask(mask: Optional[jax.Array], batch_size: int) -> jax.Array:
+  """The (B,) padding mask (all ones when None), its shape checked: a mask
+  of another length would silently pair rows with the wrong weights."""
+  if mask is None:
+    return jnp.ones((batch_size,), jnp.float32)
+  if jnp.shape(mask) != (batch_size,):
+    raise ValueError(
+        f"mask has shape {jnp.shape(mask)} but the batch has {batch_size} "
+        "rows: pass one entry per row (1 real, 0 padding), e.g. the "
+        "PoissonSampler batch's .mask.")
+  return mask
+
+
 def dp_aggregate(clip_norm: float,
                  noise_multiplier: float,
                  normalizer: float,
@@ -95,8 +108,7 @@ def dp_aggregate(clip_norm: float,
     del params, extra_args
     contributions = per_example.PerExampleGradients.create(updates,
                                                            pre_clip_transform)
-    if mask is None:
-      mask = jnp.ones(contributions.row_norms.shape, jnp.float32)
+    mask = check_mask(mask, contributions.row_norms.shape[0])
     noise_key, next_key = jax.random.split(state.noise_key)
     mean, stats = mechanism.privatize(contributions, clip_norm, mask,
                                       noise_key,
@@ -133,9 +145,7 @@ def private_gradient(loss_fn: per_example.ExampleLoss,
   contributions = per_example.vmap_contributions(
       loss_fn, params, batch, pre_clip_transform,
       microbatch_size=microbatch_size)
-  if mask is None:
-    mask = jnp.ones((jax.tree_util.tree_leaves(batch)[0].shape[0],),
-                    jnp.float32)
+  mask = check_mask(mask, jax.tree_util.tree_leaves(batch)[0].shape[0])
   return mechanism.privatize(contributions, clip_norm, mask, key,
                              noise_multiplier=noise_multiplier,
                              normalizer=normalizer)

@@ -146,13 +146,19 @@ def fit(program: Program, *, steps: int,
   coins = program.share_coins(
       randomness.MechanismCoins.fresh() if coins is None else coins)
   state = program.init(coins)
-  start = 0
+  start, earlier_steps = 0, ledger.total_steps
   if checkpointer is not None:
     restored = checkpointer.restore(state, ledger, program.fingerprint,
                                     put=program.put)
     if restored is not None:
       start, state, coins = restored.step, restored.tree, restored.coins
       coins = program.share_coins(coins)
+      if ledger.total_steps != earlier_steps + start:
+        raise checkpoint_lib.CheckpointError(
+            f"Checkpoint at step {start} of {checkpointer.directory} holds a "
+            f"ledger of {ledger.total_steps - earlier_steps} steps: the "
+            "ledger must record exactly the steps the state took. It was left "
+            "in place; delete it to start the run over.")
   sampler = sampler_lib.PoissonSampler(
       program.num_examples, program.sampling_rate, coins.sampler_seed,
       pad_multiple=program.pad_multiple)
@@ -175,6 +181,9 @@ def fit(program: Program, *, steps: int,
   finally:
     if progress is not None:
       progress.close()
+  if ledger.total_steps != earlier_steps + steps:  # a bug, never a user error
+    raise RuntimeError(f"the ledger recorded {ledger.total_steps - earlier_steps}"
+                       f" steps for a run of {steps}.")
   return program.release(state)
 
 

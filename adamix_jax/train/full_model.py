@@ -166,8 +166,15 @@ class FullModelProgram:
                                  labels=self.public_y)
     self.loss_fn, self.config, self.optimizer = loss_fn, config, optimizer
     self.model = model
-    if model is not None:
+    if model is not None:  # a classifier: labels are class indices
       resolve_clipping(flags, model)
+      num_classes = model.apply({"params": init_params},
+                                self.private_x[:1]).shape[-1]
+      self.private_y = validation.check_labels(self.private_y, num_classes,
+                                               "private set labels")
+      if len(self.public_y):
+        self.public_y = validation.check_labels(self.public_y, num_classes,
+                                                "public set labels")
     self.spec, self.flags, self.mesh = subspace, flags, mesh
     self.anchor = anchor
     self.placement = placement_lib.placement_for(mesh)
