@@ -9,7 +9,7 @@ The per-example work (gradients, projections, clipping) runs on each
 device's shard of the batch; the clipped sum over the batch axis becomes a
 cross-device reduction (an all-reduce); and the Gaussian noise, drawn from
 the replicated key, is part of the global program, so it is added ONCE to
-the global sum (DESIGN.md invariant 2), whatever the device count. With
+the global sum (docs/design.md, invariant 2), whatever the device count. With
 pmap each device would run its own copy of the step and a per-device noise
 draw before a ``psum`` would be an easy, silent mistake.
 
@@ -141,7 +141,7 @@ def pad_to_multiple(tree: PyTree, multiple: int,
 
   Returns (padded tree, mask) with mask 1 for the original rows (or the
   given ``mask``, padded with zeros): padding rows must be masked so that
-  they contribute exactly zero (DESIGN.md invariant 1).
+  they contribute exactly zero (docs/design.md, invariant 1).
   """
   leaves = jax.tree_util.tree_leaves(tree)
   sizes = {np.shape(x)[0] for x in leaves}

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 5: the ledger is the source of truth for epsilon.
+"""invariant 5 (docs/design.md): the ledger is the source of truth for epsilon.
 
 Reference values, calibration round trips (never above the target), PLD vs
 RDP, full batch as plain Gaussian composition (checked against the exact

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 4: the sampling that runs is the sampling accounted.
+"""invariant 4 (docs/design.md): the sampling that runs is the sampling accounted.
 
 ``PoissonSampler`` must include each index independently with probability q
 at every step (batch size Binomial(N, q)), never truncate, pad to a few

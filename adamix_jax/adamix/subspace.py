@@ -17,7 +17,7 @@ mapped back. Three kinds:
 
 Every coefficient map is an orthogonal projection followed by an isometry,
 so clipping coefficients to C bounds each example's contribution by C in
-parameter space as well (DESIGN.md invariant 1, "clip after projection").
+parameter space as well (docs/design.md, invariant 1: "clip after projection").
 
 Speed (``gradients`` kind). The public feature Gram X~p X~p^T never changes:
 pass it as ``public_gram`` (it is kept on the Subspace). The top-k directions

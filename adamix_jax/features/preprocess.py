@@ -4,7 +4,7 @@ Linear heads trained with clipped, noisy gradients converge slowly on raw
 embeddings, whose coordinates share a large common mean. Centering (and
 optionally whitening) with statistics of the public examples improves the
 conditioning for every method alike, and costs no privacy: the statistics
-never see a private example (DESIGN.md invariant 3). Every mode ends with a
+never see a private example (docs/design.md, invariant 3). Every mode ends with a
 per-example L2 normalisation, so ||x~||^2 = ||[x, 1]||^2 = 2 for all inputs.
 
 Modes:

@@ -4,7 +4,7 @@ The mechanism is the Poisson-subsampled Gaussian (rate q, noise multiplier
 sigma) composed T times under add/remove-one neighbouring; q = 1 is full
 batch noisy gradient descent (a plain Gaussian composed T times). The
 ``PrivacyLedger`` records the steps that actually ran and is the source of
-truth for epsilon (DESIGN.md invariant 5).
+truth for epsilon (docs/design.md, invariant 5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Host-side Poisson sampling, padded to a few static shapes for jit.
 
 Each step includes every private index independently with probability q
-(DESIGN.md invariant 4: the sampling that runs is the sampling accounted by
+(invariant 4, docs/design.md: the sampling that runs is the sampling accounted by
 ``PoissonSampledDpEvent``). The batch is padded with masked dummies up to a
 *bucket* size, a multiple of ``granularity``, so jit compiles a handful of
 shapes instead of one per realised batch size.

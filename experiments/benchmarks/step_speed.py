@@ -74,7 +74,7 @@ import numpy as np
 import optax
 
 from adamix_jax.adamix import linear_step as step_lib
-from adamix_jax.adamix import subspace as subspace_lib
+from adamix_jax.adamix import settings
 from adamix_jax.models import linear
 from adamix_jax.train import linear_head
 
@@ -143,7 +143,7 @@ def make_problem(dim: int, classes: int, batch: int, public_per_class: int,
   def sample(labels):
     x = means[labels] + 2.0 * rng.normal(size=(len(labels), dim)).astype(
         np.float32)
-    return linear.normalize_features(x)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
   private_y = rng.integers(0, classes, num_private)
   public_y = np.repeat(np.arange(classes), public_per_class)
@@ -200,177 +200,147 @@ def _nonprivate_method(p: Problem) -> Method:
   return Method("non_private", "sgd", run, memory=memory)
 
 
-class _StepRunner:
-  """Threads a donated TrainState through a jitted train_step."""
+_LR = jnp.ones((1 << 16,), jnp.float32)  # lr multiplier 1 at every step
+_private_step = jax.jit(step_lib.private_step, static_argnums=(0, 1, 2),
+                        donate_argnums=(4,))
+_build = jax.jit(linear_head.initial_subspace, static_argnums=(0,))
 
-  def __init__(self, config: step_lib.StepConfig, p: Problem,
-               public: step_lib.PublicData, kernel=None):
-    self.config, self.p, self.public, self.kernel = config, p, public, kernel
-    self.jitted = jax.jit(functools.partial(step_lib.train_step, config),
-                          donate_argnums=(0,))
-    self.state = step_lib.init_state(p.anchor, jax.random.key(0))
+
+class _StepRunner:
+  """Threads a donated state through the jitted ``linear_step.private_step``
+  (the step ``train_private_head`` runs), matrix or dual representation."""
+
+  def __init__(self, config: settings.StepConfig,
+               flags: settings.PerformanceFlags, p: Problem,
+               public: step_lib.PublicData, spec: settings.SubspaceSpec,
+               kernel=None, dual: bool = False):
+    self.config, self.flags, self.p, self.public = config, flags, p, public
+    self.spec = spec
+    self.structure, self.numbers = config.structure(), config.numbers()
+    self.cache = None
+    if dual:
+      self.cache = step_lib.dual_cache(p.anchor, public, p.private_x_aug,
+                                       private_kernel=kernel)
+      self.state = step_lib.init_dual_state(self.cache, jax.random.key(0))
+      matrix = linear.stack(p.anchor)
+      kernel = None
+    else:
+      self.state = step_lib.init_matrix_state(p.anchor, jax.random.key(0))
+      matrix = self.state.matrix
+    self.private = step_lib.PrivateData(x_aug=p.private_x_aug, y=p.private_y,
+                                        kernel=kernel)
+    self.subspace = _build(spec, matrix, public, None)
     self.t = 0
     # Device scalars made once: per-call host->device transfers would be
     # timed as part of the step (the floor has none).
-    self.average_from, self.lr_scale = jnp.int32(0), jnp.float32(1.0)
+    self.average_from = jnp.int32(0)
 
-  def args(self, subspace):
+  def args(self, refresh: bool):
     p = self.p
-    return (self.state, subspace, self.public, p.private_x_aug, p.private_y,
-            p.indices[self.t % NUM_INDEX_SETS], p.mask, self.average_from,
-            self.lr_scale, self.kernel)
+    return (self.structure, self.flags, self.spec if refresh else None,
+            self.numbers, self.state, self.subspace, self.public,
+            self.private, p.indices[self.t % NUM_INDEX_SETS], p.mask,
+            self.average_from, _LR, self.cache)
 
-  def step(self, subspace):
+  def step(self, refresh: bool = False):
     self.t += 1
-    self.state, metrics = self.jitted(*self.args(subspace))
+    self.state, metrics, self.subspace = _private_step(*self.args(refresh))
     return metrics
 
-  def memory(self, subspace):
-    return _memory(self.jitted, *self.args(subspace))
+  def block(self):
+    jax.block_until_ready(self.state)
+
+  def memory(self, refresh: bool):
+    return _memory(_private_step, *self.args(refresh))
+
+
+def _runs(runner: _StepRunner, steps: int, refresh_every: Optional[int]):
+  """``steps`` steps, the subspace refreshed in the first of every group."""
+  def run():
+    for t in range(steps):
+      runner.step(refresh=refresh_every is not None and t == 0)
+    runner.block()
+  return run
 
 
 def _dp_sgd_method(p: Problem, path: str, microbatch: Optional[int]) -> Method:
-  config = step_lib.StepConfig(
+  config = settings.StepConfig(
       noise_multiplier=1.0, expected_batch_size=float(p.batch),
-      learning_rate=LEARNING_RATE, clip_norm=1.0, path=path,
-      microbatch_size=microbatch if path == "vmap" else None)
+      learning_rate=LEARNING_RATE, clip_norm=1.0)
+  flags = settings.PerformanceFlags(
+      path=path, microbatch_size=microbatch if path == "vmap" else None)
   empty = step_lib.PublicData(x_aug=p.public.x_aug[:0], y=p.public.y[:0])
-  runner = _StepRunner(config, p, empty)
-  subspace = subspace_lib.identity()
-
-  def run():
-    runner.step(subspace)
-    jax.block_until_ready(runner.state.matrix)
-
-  return Method("dp_sgd", path, run, memory=runner.memory(subspace))
+  runner = _StepRunner(config, flags, p, empty, settings.SubspaceSpec())
+  return Method("dp_sgd", path, _runs(runner, 1, None),
+                memory=runner.memory(False))
 
 
-_build = jax.jit(private_linear.build_subspace, static_argnums=(0,))
-
-
-def _adamix_config(p: Problem, path: str,
-                   microbatch: Optional[int]) -> step_lib.StepConfig:
+def _adamix_config(p: Problem) -> settings.StepConfig:
   num_public = p.public.y.shape[0]
   num_private = p.private_y.shape[0]
-  return step_lib.StepConfig(
+  return settings.StepConfig(
       noise_multiplier=1.0, expected_batch_size=float(p.batch),
       learning_rate=LEARNING_RATE, adaptive_threshold=True,
       threshold_quantile=0.5,
-      public_weight=num_public / (num_public + num_private), path=path,
-      microbatch_size=microbatch if path == "vmap" else None)
+      public_weight=num_public / (num_public + num_private))
 
 
 def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
   methods = []
   rank = min(args.rank, p.public.y.shape[0])
-  spec = private_linear.SubspaceSpec(
+  spec = settings.SubspaceSpec(
       "gradients", rank, 1, method="iterative", iterations=args.iterations,
       oversample=args.oversample)
-  kernel = private_linear.private_public_kernel(p.private_x_aug, p.public.x_aug)
+  kernel = linear_head.private_public_kernel(p.private_x_aug, p.public.x_aug)
   extra = {"rank": rank, "public_examples": int(p.public.y.shape[0]),
            "basis": f"iterative({args.iterations} it, +{args.oversample})",
            "private_kernel_cached": True, "public_gram_cached": True}
-
-  for refresh in (1, 10):
-    runner = _StepRunner(_adamix_config(p, "closed_form", None), p, p.public,
-                         kernel)
-    box = {"sub": _build(spec, runner.state.matrix, p.public, None, None)}
-
-    def run(runner=runner, box=box, refresh=refresh):
-      for t in range(refresh):
-        if t == 0:
-          box["sub"] = _build(spec, runner.state.matrix, p.public, None,
-                              box["sub"])
-        runner.step(box["sub"])
-      jax.block_until_ready(runner.state.matrix)
-
-    methods.append(Method("adamix", "closed_form_matrix", run, steps=refresh,
-                          refresh_every=refresh,
-                          memory=runner.memory(box["sub"]),
-                          extra=dict(extra, representation="matrix")))
-
-  # The dual form (what train_private_head runs by default on one device):
-  # state W~_0 + a D + X~p^T S, subspace refreshed in-step.
-  dual_step = jax.jit(step_lib.dual_train_step, static_argnums=(0, 10),
-                      donate_argnums=(1,))
-  refresh_spec = step_lib.BasisRefresh(rank, spec.method, spec.iterations,
-                                       spec.oversample)
-  average_from, lr_scale = jnp.int32(0), jnp.float32(1.0)
-  for refresh in (1, 10):
-    config = _adamix_config(p, "closed_form", None)
-    state, cache = step_lib.init_dual(p.anchor, p.public, p.private_x_aug,
-                                      jax.random.key(0), private_kernel=kernel)
-    box = {"state": state, "t": 0,
-           "sub": _build(spec, linear.stack(p.anchor), p.public, None, None)}
-
-    def dual_args(box, refresh_now, config=config, cache=cache):
-      return (config, box["state"], box["sub"], p.public, cache, p.private_y,
-              p.indices[box["t"] % NUM_INDEX_SETS], p.mask, average_from,
-              lr_scale, refresh_spec if refresh_now else None)
-
-    def run_dual(box=box, refresh=refresh, dual_args=dual_args):
-      for t in range(refresh):
-        box["t"] += 1
-        box["state"], _, box["sub"] = dual_step(*dual_args(box, t == 0))
-      jax.block_until_ready(box["state"].coef)
-
-    # Cost figures of the compiled step as it runs most often: with the
-    # in-step refresh when it refreshes every step, without it otherwise.
-    memory = _memory(dual_step, *dual_args(box, refresh == 1))
-    methods.append(Method("adamix", "closed_form", run_dual,
-                          steps=refresh, refresh_every=refresh, memory=memory,
-                          extra=dict(extra, representation="dual",
-                                     basis_refresh="in-step")))
+  closed = settings.PerformanceFlags(path="closed_form")
+  for dual, path in ((False, "closed_form_matrix"), (True, "closed_form")):
+    for refresh in (1, 10):
+      # The dual form is what train_private_head runs by default on one
+      # device (state W~_0 + a D + X~p^T S); both refresh in-step.
+      runner = _StepRunner(_adamix_config(p), closed, p, p.public, spec,
+                           kernel=kernel, dual=dual)
+      methods.append(Method(
+          "adamix", path, _runs(runner, refresh, refresh), steps=refresh,
+          refresh_every=refresh,
+          # Cost figures of the compiled step as it runs most often: with
+          # the in-step refresh when it refreshes every step.
+          memory=runner.memory(refresh == 1),
+          extra=dict(extra, representation="dual" if dual else "matrix",
+                     basis_refresh="in-step")))
 
   if args.baseline:
     # Before the speed-up: no Gram / kernel caches, a full eigh per refresh.
     eigh_spec = dataclasses.replace(spec, method="eigh")
-    runner = _StepRunner(_adamix_config(p, "closed_form", None), p,
-                         p.public_plain)
-    box = {"sub": _build(eigh_spec, runner.state.matrix, p.public_plain, None,
-                         None)}
-
-    def run_uncached(runner=runner, box=box):
-      for t in range(10):
-        if t == 0:
-          box["sub"] = _build(eigh_spec, runner.state.matrix, p.public_plain,
-                              None, None)
-        runner.step(box["sub"])
-      jax.block_until_ready(runner.state.matrix)
-
+    runner = _StepRunner(_adamix_config(p), closed, p, p.public_plain,
+                         eigh_spec)
     methods.append(Method(
-        "adamix", "closed_form_uncached", run_uncached, steps=10,
-        refresh_every=10, memory=runner.memory(box["sub"]),
+        "adamix", "closed_form_uncached", _runs(runner, 10, 10), steps=10,
+        refresh_every=10, memory=runner.memory(False),
         extra={"rank": rank, "public_examples": int(p.public.y.shape[0]),
                "basis": "eigh", "private_kernel_cached": False,
                "public_gram_cached": False}))
 
   if vmap_fits:
-    runner = _StepRunner(_adamix_config(p, "vmap", args.microbatch), p,
-                         p.public)
-    box = {"sub": _build(spec, runner.state.matrix, p.public, None, None)}
-
-    def run_vmap_step(runner=runner, box=box):
-      runner.step(box["sub"])
-      jax.block_until_ready(runner.state.matrix)
-
-    def run_refresh(runner=runner, box=box):
-      box["sub"] = _build(spec, runner.state.matrix, p.public, None,
-                          box["sub"])
-      jax.block_until_ready(box["sub"].mixing)
-
-    step_m = Method("adamix", "vmap", run_vmap_step, refresh_every=None,
-                    memory=runner.memory(box["sub"]),
+    vmap = settings.PerformanceFlags(path="vmap",
+                                     microbatch_size=args.microbatch)
+    runner = _StepRunner(_adamix_config(p), vmap, p, p.public, spec)
+    refresher = _StepRunner(_adamix_config(p), vmap, p, p.public, spec)
+    step_m = Method("adamix", "vmap", _runs(runner, 1, None),
+                    refresh_every=None, memory=runner.memory(False),
                     extra=dict(extra, private_kernel_cached=False,
                                microbatch_size=args.microbatch))
-    refresh_m = Method("basis_refresh", "iterative", run_refresh,
-                       extra=dict(extra))
+    refresh_m = Method("adamix_step_with_refresh", "vmap",
+                       _runs(refresher, 1, 1), extra=dict(extra))
     amortised = Method(
         "adamix", "vmap", lambda: None, refresh_every=10,
         memory=step_m.memory,
-        extra=dict(step_m.extra, timing="step + refresh / 10"),
+        extra=dict(step_m.extra, timing="0.9 step + 0.1 step with refresh"),
         combine=lambda s=step_m, r=refresh_m: (
-            statistics.median(s.times) + statistics.median(r.times) / 10))
+            0.9 * statistics.median(s.times) +
+            0.1 * statistics.median(r.times)))
     methods += [step_m, refresh_m, amortised]
   return methods
 
@@ -459,11 +429,10 @@ def benchmark_config(dim: int, classes: int, batch: int, args) -> list[dict]:
 
 
 def end_to_end_digits() -> list[dict]:
-  """Wall time of ``python -m launch.main`` on the digits config."""
+  """Wall time of ``adamix-train`` on the digits config (all stages)."""
   with tempfile.TemporaryDirectory() as workdir:
-    command = [sys.executable, "-m", "launch.main", "--config",
-               os.path.join(_ROOT, "experiments", "configs", "digits.py"),
-               "--workdir", workdir, "--config.progress=False"]
+    command = [sys.executable, "-m", "adamix_jax.launch.main", "--config",
+               "digits", "--workdir", workdir, "--config.progress=False"]
     load_before = _load()
     start = time.perf_counter()
     done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True)
@@ -482,7 +451,7 @@ def end_to_end_digits() -> list[dict]:
     batch = (examples / steps) if steps else None
   return [{"d": 64, "classes": 10,
            "batch": None if batch is None else round(batch, 1),
-           "method": "end_to_end", "path": "launch.main digits (all stages)",
+           "method": "end_to_end", "path": "adamix-train digits (all stages)",
            "ms_per_step": 1e3 * wall / steps if steps else None,
            "examples_per_s": examples / wall if steps else None,
            "ratio_to_nonprivate": None, "wall_s": wall, "private_runs":
