@@ -53,10 +53,13 @@ def _small_config(**overrides):
 
 
 def _snapshot(root) -> dict[str, int]:
-  """Relative path -> mtime_ns of every file under ``root``."""
+  """Relative path -> mtime_ns of every output file under ``root`` (the
+  workdir's lock file only names its holder)."""
   out = {}
   for directory, _, files in os.walk(root):
     for name in files:
+      if name == ".lock":
+        continue
       path = os.path.join(directory, name)
       out[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
   return out

@@ -408,7 +408,7 @@ def test_real_data_npz_loads(tmp_path):
     (lambda f: f["x_train"].__setitem__((1, 2), np.nan), "NaN or inf"),
     (lambda f: f["x_test"].__setitem__((0, 0), np.inf), "NaN or inf"),
     (lambda f: f.__setitem__("y_train", f["y_train"][:-1]), "count mismatch"),
-    (lambda f: f.__setitem__("y_test", np.array([0, -1, 2])), "outside"),
+    (lambda f: f.__setitem__("y_test", np.array([0, -1, 2])), "negative label"),
     (lambda f: f.__setitem__("y_test", np.array([0.0, 1.5, 2.0])), "integers"),
     (lambda f: f.__setitem__("x_test", np.zeros((3, 5))), "dimensions differ"),
     (lambda f: f.__setitem__("x_train", np.zeros((6, 2, 2))), "must be 2-D"),
