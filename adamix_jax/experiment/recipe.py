@@ -34,6 +34,7 @@ from adamix_jax.adamix import settings as settings_lib
 from adamix_jax.features import preprocess as preprocess_lib
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import individual as individual_lib
 from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import fit as fit_lib
@@ -105,6 +106,21 @@ def num_steps(config) -> int:
   return max(1, int(round(config.train.epochs / config.train.sampling_rate)))
 
 
+def individual_levels(config) -> Optional[int]:
+  """The ratio grid L of individual privacy recording, None when off.
+
+  On (``config.analysis.individual_privacy``) for linear heads only: each
+  private run then records every private example's clipping ratio at every
+  step (``adamix.sensitivity``) for the 'analysis' stage.
+  """
+  analysis = config.get("analysis")
+  if (analysis is None or not analysis.get("individual_privacy", False) or
+      model_kind(config) != "linear"):
+    return None
+  return int(analysis.get("individual_levels",
+                          individual_lib.DEFAULT_LEVELS))
+
+
 def insecure_noise(config) -> bool:
   """Whether the runs derive their mechanism's coins from the public seed."""
   return bool(config.get("insecure_reproducible_noise", False))
@@ -148,11 +164,16 @@ class SeedData:
 
 @dataclasses.dataclass(frozen=True)
 class DPRun:
-  """What a finished private run hands to the stage runner."""
+  """What a finished private run hands to the stage runner.
+
+  ``individual``: the run's clipping-ratio counts when it recorded them
+  (``individual_levels``); derived from the private data, not a release.
+  """
 
   params: Any
   ledger: accounting.PrivacyLedger
   meta: dict
+  individual: Optional[individual_lib.IndividualRecorder] = None
 
 
 def _dp_meta(config, method, epsilon, seed, sigma, data, resumed_from,
@@ -320,6 +341,9 @@ class LinearHeadRecipe:
     step_config = step_config or self.step_config(method, sigma, data)
     if coins is None and insecure_noise(config):
       coins = randomness.MechanismCoins.insecure_from_seed(seed)
+    levels = individual_levels(config)
+    recorder = None if levels is None else individual_lib.IndividualRecorder(
+        len(data.private_y), levels)
     params, resumed_from = _run_with_checkpoints(
         config, checkpoint_dir, lambda checkpointer:
         linear_head.train_private_head(
@@ -328,10 +352,10 @@ class LinearHeadRecipe:
             ledger=ledger, coins=coins, flags=self.flags(),
             average_tail=train.average_tail, lr_schedule=train.lr_schedule,
             mesh=mesh, checkpointer=checkpointer, progress=progress,
-            **self.run_inputs(method, data)))
+            individual=recorder, **self.run_inputs(method, data)))
     return DPRun(params, ledger, _dp_meta(
         config, method, epsilon, seed, sigma, data, resumed_from,
-        {"public_weight": step_config.public_weight}))
+        {"public_weight": step_config.public_weight}), individual=recorder)
 
   def test_error(self, params: dict, data: SeedData) -> float:
     return linear.error_rate(params, data.test_x, data.test_y)

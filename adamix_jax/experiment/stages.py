@@ -5,6 +5,8 @@
   private      per (method, epsilon, seed): paragon, dp_sgd, adamix
   accounting   every ledger -> epsilon spent (PLD, RDP cross-check)
   report       test errors -> WORKDIR/results.json and results.md
+  analysis     who pays for privacy (not run by default): individual
+               epsilons vs isolation -> WORKDIR/analysis/ (``analysis.stage``)
 
 What each method trains is the recipe's business (``recipe``: a linear head
 or a whole Flax model); this module walks the units of work and their files.
@@ -33,7 +35,12 @@ from adamix_jax.features import subset as subset_lib
 from adamix_jax.privacy import accounting
 from adamix_jax.train import fit as fit_lib
 
-STAGES = ("features", "public_init", "private", "accounting", "report")
+STAGES = ("features", "public_init", "private", "accounting", "report",
+          "analysis")
+# What a run does unless told otherwise: the analysis is asked for by name.
+DEFAULT_STAGES = STAGES[:-1]
+# Next to a run's ledger when it recorded individual privacy counts.
+INDIVIDUAL_COUNTS = "individual_counts.npz"
 METHODS = recipe_lib.METHODS
 DP_METHODS = recipe_lib.DP_METHODS
 Workdir = workdir_lib.Workdir
@@ -237,6 +244,11 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
         logger.info("%s eps=%s seed=%s resumed at step %d of %d", method,
                     epsilon, seed, meta["resumed_from_step"], meta["steps"])
       run.ledger.save(os.path.join(out, "ledger.json"))
+      if run.individual is not None:
+        # Derived from the private data: for the 'analysis' stage (the data
+        # owner), not a release.
+        io.save_npz(os.path.join(out, INDIVIDUAL_COUNTS),
+                    **run.individual.to_arrays())
     meta["seconds"] = round(time.time() - start, 3)
     io.save_json(os.path.join(out, "meta.json"), meta)
     # params.npz last: its presence marks the run as done.
@@ -336,11 +348,20 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
   return records
 
 
+# --- stage: analysis ------------------------------------------------------
+
+
+def run_analysis(config, workdir: Workdir) -> None:
+  """Individual epsilons vs isolation, per method, epsilon and seed."""
+  from adamix_jax.analysis import stage as analysis_stage  # matplotlib: lazy
+  analysis_stage.run_analysis(config, workdir)
+
+
 # --- all stages --------------------------------------------------------------
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        stages: Iterable[str] = STAGES, command: str = "",
+        stages: Iterable[str] = DEFAULT_STAGES, command: str = "",
         mesh=None) -> list[dict] | None:
   """Runs ``stages`` in order; ``mesh``: data-parallel private steps."""
   stages = list(stages)
@@ -351,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   wd = Workdir(workdir)
   runners = {"features": run_features, "public_init": run_public_init,
              "private": lambda c, w: run_private(c, w, mesh=mesh),
-             "accounting": run_accounting}
+             "accounting": run_accounting, "analysis": run_analysis}
   records = None
   with workdir_lib.exclusive(workdir):
     workdir_lib.check_or_save_config(config, wd)

@@ -4,6 +4,7 @@ r"""Runs one AdaMix experiment: features -> public_init -> private -> accounting
   adamix-train --config fashion_mnist --workdir /tmp/fmnist --config.seeds=0,1
   adamix-train --config digits_cnn --workdir /tmp/cnn      # a whole CNN
   adamix-train --workdir /tmp/adamix_digits --stages report
+  adamix-train --workdir /tmp/adamix_digits --stages analysis  # data owner
   adamix-train --workdir /tmp/adamix_digits --data_parallel
 
 (``python -m adamix_jax.launch.main`` is the same command.) ``--config``
@@ -37,7 +38,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
 _STAGES = flags.DEFINE_list(
     "stages", "features,public_init,private,accounting,report",
-    "Stages to run, in order.")
+    "Stages to run, in order; 'analysis' (individual privacy vs isolation, "
+    "for the data owner) runs only when named.")
 _DATA_PARALLEL = flags.DEFINE_bool(
     "data_parallel", False,
     "Run the private steps data parallel over a mesh of all devices.")

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adamix_jax.adamix import linear_step
+from adamix_jax.adamix import sensitivity
 from adamix_jax.adamix import settings as settings_lib
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.data import validation
 from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
+from adamix_jax.privacy import individual as individual_lib
 from adamix_jax.privacy import randomness
 from adamix_jax.privacy import sampler as sampler_lib
 from adamix_jax.train import checkpoint as checkpoint_lib
@@ -116,7 +118,12 @@ def _augment_host(x: np.ndarray) -> np.ndarray:
 
 
 class LinearHeadProgram:
-  """One private run of a linear head (see ``train_private_head``)."""
+  """One private run of a linear head (see ``train_private_head``).
+
+  The state is (head, subspace), plus the (N, L + 1) clipping-ratio counts
+  when ``individual`` is given (``adamix.sensitivity``); ``release`` then
+  also fills ``individual`` with the counts of the whole run.
+  """
 
   def __init__(self, private_x, private_y, public_x, public_y,
                anchor_params: dict, config: StepConfig, *, steps: int,
@@ -125,7 +132,8 @@ class LinearHeadProgram:
                flags: PerformanceFlags = PerformanceFlags(),
                average_tail: float = 0.5, lr_schedule: str = "constant",
                fallback_basis: Optional[np.ndarray] = None,
-               mesh: Optional[jax.sharding.Mesh] = None):
+               mesh: Optional[jax.sharding.Mesh] = None,
+               individual: Optional[individual_lib.IndividualRecorder] = None):
     arrays = validation.check_linear_head_inputs(
         private_x, private_y, public_x, public_y, anchor_params,
         fallback_basis)
@@ -145,6 +153,13 @@ class LinearHeadProgram:
     self.pad_multiple = self.placement.pad_multiple * (
         flags.microbatch_size or 1 if flags.path == "vmap" else 1)
     self.average = average_tail > 0
+    if individual is not None and (individual.steps or
+                                   individual.num_examples != len(private_y)):
+      raise ValueError(
+          "individual must be an empty IndividualRecorder of the private set "
+          f"({len(private_y)} examples); got {individual.num_examples} "
+          f"examples and {individual.steps} steps.")
+    self.individual = individual
     num_classes = np.asarray(anchor_params["kernel"]).shape[1]
     self.representation = choose_representation(
         flags, subspace, len(private_y), len(public_y), num_classes,
@@ -160,7 +175,11 @@ class LinearHeadProgram:
         "average_tail": float(average_tail), "lr_schedule": lr_schedule,
         "representation": self.representation,
         "fallback_basis": None if fallback_basis is None else
-        checkpoint_lib.digest(fallback_basis)}
+        checkpoint_lib.digest(fallback_basis),
+        # The counts are part of the state: a checkpoint with or without
+        # them fits only a run of the same kind.
+        "individual_levels": None if individual is None else
+        individual.levels}
 
     put = self.placement.replicate
     private_x_aug = _augment_host(private_x)
@@ -192,8 +211,12 @@ class LinearHeadProgram:
     self.fallback = None if fallback_basis is None else put(
         np.asarray(fallback_basis, np.float32))
     jit = functools.partial(placement_lib.cached_jit, mesh)
-    self._step = jit(linear_step.private_step, static_argnums=(0, 1, 2),
-                     donate_argnums=(4,))
+    if individual is None:
+      self._step = jit(linear_step.private_step, static_argnums=(0, 1, 2),
+                       donate_argnums=(4,))
+    else:
+      self._step = jit(sensitivity.recorded_step,
+                       static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
     self._build = jit(initial_subspace, static_argnums=(0,))
     self._init_matrix = jit(linear_step.init_matrix_state)
 
@@ -214,24 +237,39 @@ class LinearHeadProgram:
     else:
       state = self._init_matrix(self._anchor, key)
       matrix = state.matrix
-    return state, self._build(self.spec, matrix, self.public, self.fallback)
+    subspace = self._build(self.spec, matrix, self.public, self.fallback)
+    if self.individual is None:
+      return state, subspace
+    return state, subspace, self.put(sensitivity.zero_counts(
+        self.num_examples, self.individual.levels))
 
   def step(self, t: int, state, batch: sampler_lib.PaddedBatch):
-    head, subspace = state
+    head, subspace = state[:2]
     refresh = None
     if (self.spec.kind == "gradients" and t and
         t % self.spec.refresh_every == 0):
       refresh = self.spec
     indices, mask = self.placement.shard_batch(
         (batch.indices.astype(np.int32), batch.mask))
-    head, metrics, subspace = self._step(
-        self.config.structure(), self.flags, refresh, self.numbers, head,
-        subspace, self.public, self.private, indices, mask,
-        self.average_from, self.lr_schedule, self._cache)
-    return (head, subspace), metrics
+    if self.individual is None:
+      head, metrics, subspace = self._step(
+          self.config.structure(), self.flags, refresh, self.numbers, head,
+          subspace, self.public, self.private, indices, mask,
+          self.average_from, self.lr_schedule, self._cache)
+      return (head, subspace), metrics
+    head, counts, metrics, subspace = self._step(
+        self.config.structure(), self.flags, refresh, self.individual.levels,
+        self.numbers, head, state[2], subspace, self.public, self.private,
+        indices, mask, self.average_from, self.lr_schedule, self._cache)
+    return (head, subspace, counts), metrics
 
   def release(self, state) -> dict:
-    head, _ = state
+    head = state[0]
+    if self.individual is not None:
+      # Every step, restored ones included, is in the counts: each row sums
+      # to the step counter (record_counts checks it).
+      self.individual.record_counts(np.asarray(jax.device_get(state[2])),
+                                    int(jax.device_get(head.step)))
     final = linear_step.final_matrix(head, self._cache, self.public,
                                      self.average)
     return {k: np.asarray(v) for k, v in linear.unstack(final).items()}
@@ -258,6 +296,8 @@ def train_private_head(private_x: np.ndarray,
                            checkpoint_lib.RunCheckpointer] = None,
                        progress: Optional[fit_lib.Progress] = None,
                        on_step: Optional[Callable[[int, Any], None]] = None,
+                       individual: Optional[
+                           individual_lib.IndividualRecorder] = None,
                        ) -> dict:
   """Runs ``steps`` private steps from ``anchor_params``; returns the params.
 
@@ -287,6 +327,12 @@ def train_private_head(private_x: np.ndarray,
       the end; the run first resumes from its latest checkpoint, if any.
     progress: optional progress reporter (``fit.BarProgress()``).
     on_step: optional callback(step, metrics) for diagnostics.
+    individual: an empty ``privacy.individual.IndividualRecorder`` of the
+      private set: the run then records every private example's clipping
+      ratio at every step, inside the jitted step, in counts carried (and
+      checkpointed) with the state (``adamix.sensitivity``); on return it
+      holds the counts of the whole run. They are derived from the private
+      data: an analysis for the data owner, not a release.
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
@@ -295,7 +341,7 @@ def train_private_head(private_x: np.ndarray,
       private_x, private_y, public_x, public_y, anchor_params, config,
       steps=steps, sampling_rate=sampling_rate, subspace=subspace,
       flags=flags, average_tail=average_tail, lr_schedule=lr_schedule,
-      fallback_basis=fallback_basis, mesh=mesh)
+      fallback_basis=fallback_basis, mesh=mesh, individual=individual)
   return fit_lib.fit(program, steps=steps, ledger=ledger, coins=coins,
                      checkpointer=checkpointer, progress=progress,
                      on_step=on_step)
