@@ -3,17 +3,30 @@ r"""Runs one AdaMix experiment: features -> public_init -> private -> accounting
   adamix-train --workdir /tmp/adamix_digits
   adamix-train --config fashion_mnist --workdir /tmp/fmnist --config.seeds=0,1
   adamix-train --config digits_cnn --workdir /tmp/cnn      # a whole CNN
+  adamix-train --config.dataset=image_folder \
+      --config.dataset_kwargs.data_dir=DIR --workdir /tmp/mine  # your images
+  adamix-train --config.dataset=npz --config.dataset_kwargs.path=F.npz \
+      --workdir /tmp/mine_npz                                   # your features
   adamix-train --workdir /tmp/adamix_digits --stages report
   adamix-train --workdir /tmp/adamix_digits --data_parallel
+  adamix-train --config fashion_mnist --config_help   # every --config.* field
 
 (``python -m adamix_jax.launch.main`` is the same command.) ``--config``
-takes a packaged config name (``adamix_jax/configs``) or a config file.
+takes a packaged config name (``adamix_jax/configs``) or a config file; with
+no ``--config``, ``--config.dataset=image_folder`` or ``=npz`` starts from
+that generic dataset's packaged config, anything else from ``digits``.
+Override any field with ``--config.FIELD=VALUE``; lists are comma separated
+(``--config.seeds=0,1``, ``--config.methods=dp_sgd,adamix``).
 ``--data_parallel`` runs the private steps data parallel over all devices;
 ``--multihost`` first calls ``jax.distributed.initialize()``, for a TPU pod,
 where the same command runs on every host (see WORKSPACE.md, "Scale out").
 
 Each stage reads the previous stage's output from the workdir; finished work
-is skipped, so re-running the same command resumes an interrupted run.
+is skipped, so re-running the same command resumes an interrupted run. A
+problem with the input (an unknown config field, a workdir made by another
+config, a missing data folder, ...) stops the run with one line on stderr
+and exit code 2, keeping every finished unit; ``ADAMIX_TRACEBACK=1`` shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -24,17 +37,16 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from adamix_jax import configs as configs_lib
+from adamix_jax.launch import cli
 
-config_flags.DEFINE_config_file(
-    "config", configs_lib.default_path(),
-    "Experiment config: a packaged name (" + ", ".join(configs_lib.names()) +
-    ") or a config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
-                               required=True)
+PROG = "adamix-train"
+_USER_ARGV: list[str] = [PROG]  # the command line before config names resolve
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (required, except with --config_help).")
 _STAGES = flags.DEFINE_list(
     "stages", "features,public_init,private,accounting,report",
     "Stages to run, in order.")
@@ -45,38 +57,98 @@ _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
     "Call jax.distributed.initialize() first (multi-host TPU pods); implies "
     "--data_parallel.")
+_CONFIG_HELP = flags.DEFINE_bool(
+    "config_help", False,
+    "Print every field of the config (--config.FIELD=VALUE overrides it), "
+    "its value and what it means, and exit.")
+
+CONFIG_HELP = ("Experiment config: a packaged name (" +
+               ", ".join(configs_lib.names()) + ") or a config file. Override "
+               "any field with --config.FIELD=VALUE (lists comma separated); "
+               "--config_help lists the fields.")
 
 
 def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # e.g. orbax's INFO lines
+  del argv  # stray arguments were refused by the flags parser
+  config = flags.FLAGS.config
+  configs_lib.split_comma_lists(config)
+  if _CONFIG_HELP.value:
+    print(configs_lib.reference(config, config_value(sys.argv)))
+    return
+  if not _WORKDIR.value:
+    raise cli.UserError("--workdir is required: the folder for this run's "
+                        "outputs (a rerun with the same one resumes).")
+  cli.quiet_third_party_logs()
   from adamix_jax import parallel  # after flags: faster --help
   from adamix_jax.experiment import report, stages
   mesh = parallel.launch_mesh(_DATA_PARALLEL.value, _MULTIHOST.value)
-  command = "adamix-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  records = stages.run(flags.FLAGS.config, _WORKDIR.value, _STAGES.value,
-                       command=command, mesh=mesh)
+  command = f"{PROG} " + " ".join(shlex.quote(a) for a in _USER_ARGV[1:])
+  records = stages.run(config, _WORKDIR.value, _STAGES.value, command=command,
+                       mesh=mesh)
   if records is not None:
-    print(report.markdown_table(records, flags.FLAGS.config.epsilons))
-    print(f"\nWrote {os.path.join(_WORKDIR.value, 'results.json')} and "
-          f"results.md")
+    print("\n" + report.markdown_table(records, config.epsilons))
+    if any(r.get("epsilon") is not None for r in records):
+      print("\nEpsilon spent by each private run:\n")
+      print(report.privacy_table(records))
+    outputs = ", ".join(os.path.join(_WORKDIR.value, name) for name in (
+        "results.json", "results.md", stages.PLOT_FILE))
+    print(f"\nWrote {outputs}")
 
 
 def resolve_config_names(argv: list[str]) -> list[str]:
-  """``--config NAME`` (packaged) -> ``--config PATH``, before absl parses."""
+  """``--config NAME`` (packaged) -> ``--config PATH``, before absl parses.
+
+  Without ``--config``, a generic ``--config.dataset`` (``image_folder``,
+  ``npz``) adds ``--config=`` its packaged config
+  (``configs.default_for``).
+  """
   out = list(argv)
+  given = False
   for i, arg in enumerate(out):
     if arg.startswith("--config=") and not arg.startswith("--config.="):
       out[i] = "--config=" + configs_lib.resolve(arg[len("--config="):])
+      given = True
     elif arg == "--config" and i + 1 < len(out):
       out[i + 1] = configs_lib.resolve(out[i + 1])
+      given = True
+  if not given and configs_lib.default_for(out) != configs_lib.default_path():
+    out.insert(1, "--config=" + configs_lib.default_for(out))
   return out
+
+
+def config_value(argv: list[str]) -> str:
+  """The ``--config`` value of ``argv`` (the default when absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return configs_lib.default_path()
+
+
+def define_config_flag(argv: list[str]) -> None:
+  """Checks the config and its overrides, then defines ``--config``.
+
+  Done here, not at import: ml_collections parses the default config's
+  overrides while the flag is defined, and a typo there would end in a
+  traceback. Checking first turns it into one line naming the field.
+  """
+  value = config_value(argv)
+  config = configs_lib.load(value)
+  configs_lib.check_overrides(config, argv, os.path.splitext(
+      os.path.basename(value.partition(":")[0]))[0])
+  config_flags.DEFINE_config_file("config", configs_lib.default_path(),
+                                  CONFIG_HELP, lock_config=True)
 
 
 def run() -> None:
   """Console entry point ``adamix-train``."""
-  sys.argv = resolve_config_names(sys.argv)
-  app.run(main)
+  _USER_ARGV[:] = sys.argv  # as typed, for results.md
+  cli.configure_xla()
+  sys.argv = cli.report_errors(PROG, resolve_config_names, sys.argv)
+  cli.report_errors(PROG, define_config_flag, sys.argv)
+  app.run(lambda argv: cli.report_errors(PROG, main, argv),
+          flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":
