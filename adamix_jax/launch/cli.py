@@ -208,3 +208,54 @@ def configure_xla() -> None:
   if simulated_cpu_devices() > 1:
     os.environ["XLA_FLAGS"] = xla_flags_with_cpu_collective_timeouts(
         os.environ.get("XLA_FLAGS", ""))
+
+
+def config_value(argv: Sequence[str]) -> str:
+  """The ``--config`` value of ``argv`` (the default config when absent)."""
+  from adamix_jax import configs  # pylint: disable=g-import-not-at-top
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return configs.default_path()
+
+
+def define_config_flag(argv: Sequence[str], help_text: str) -> None:
+  """Checks the config and its ``--config.*`` overrides, then defines
+  ``--config`` (an ml_collections config file flag, locked).
+
+  Call it before absl parses ``argv``, not at import: ml_collections parses
+  the default config's overrides while the flag is being defined, and a
+  typo there would end in a traceback. Checked first, it is one line
+  naming the field (``configs.check_overrides``).
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from adamix_jax import configs  # pylint: disable=g-import-not-at-top
+  value = config_value(argv)
+  config = configs.load(value)
+  configs.check_overrides(config, argv, os.path.splitext(
+      os.path.basename(value.partition(":")[0]))[0])
+  config_flags.DEFINE_config_file("config", configs.default_path(), help_text,
+                                  lock_config=True)
+
+
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+  """``--config NAME`` (packaged) -> ``--config PATH``, before absl parses.
+
+  Without ``--config``, a generic ``--config.dataset`` (``image_folder``,
+  ``npz``) adds ``--config=`` its packaged config (``configs.default_for``).
+  """
+  from adamix_jax import configs  # pylint: disable=g-import-not-at-top
+  out = list(argv)
+  given = False
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + configs.resolve(arg[len("--config="):])
+      given = True
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = configs.resolve(out[i + 1])
+      given = True
+  if not given and configs.default_for(out) != configs.default_path():
+    out.insert(1, "--config=" + configs.default_for(out))
+  return out

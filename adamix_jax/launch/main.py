@@ -37,7 +37,6 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from adamix_jax import configs as configs_lib
 from adamix_jax.launch import cli
@@ -73,7 +72,7 @@ def main(argv):
   config = flags.FLAGS.config
   configs_lib.split_comma_lists(config)
   if _CONFIG_HELP.value:
-    print(configs_lib.reference(config, config_value(sys.argv)))
+    print(configs_lib.reference(config, cli.config_value(sys.argv)))
     return
   if not _WORKDIR.value:
     raise cli.UserError("--workdir is required: the folder for this run's "
@@ -95,58 +94,12 @@ def main(argv):
     print(f"\nWrote {outputs}")
 
 
-def resolve_config_names(argv: list[str]) -> list[str]:
-  """``--config NAME`` (packaged) -> ``--config PATH``, before absl parses.
-
-  Without ``--config``, a generic ``--config.dataset`` (``image_folder``,
-  ``npz``) adds ``--config=`` its packaged config
-  (``configs.default_for``).
-  """
-  out = list(argv)
-  given = False
-  for i, arg in enumerate(out):
-    if arg.startswith("--config=") and not arg.startswith("--config.="):
-      out[i] = "--config=" + configs_lib.resolve(arg[len("--config="):])
-      given = True
-    elif arg == "--config" and i + 1 < len(out):
-      out[i + 1] = configs_lib.resolve(out[i + 1])
-      given = True
-  if not given and configs_lib.default_for(out) != configs_lib.default_path():
-    out.insert(1, "--config=" + configs_lib.default_for(out))
-  return out
-
-
-def config_value(argv: list[str]) -> str:
-  """The ``--config`` value of ``argv`` (the default when absent)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return configs_lib.default_path()
-
-
-def define_config_flag(argv: list[str]) -> None:
-  """Checks the config and its overrides, then defines ``--config``.
-
-  Done here, not at import: ml_collections parses the default config's
-  overrides while the flag is defined, and a typo there would end in a
-  traceback. Checking first turns it into one line naming the field.
-  """
-  value = config_value(argv)
-  config = configs_lib.load(value)
-  configs_lib.check_overrides(config, argv, os.path.splitext(
-      os.path.basename(value.partition(":")[0]))[0])
-  config_flags.DEFINE_config_file("config", configs_lib.default_path(),
-                                  CONFIG_HELP, lock_config=True)
-
-
 def run() -> None:
   """Console entry point ``adamix-train``."""
   _USER_ARGV[:] = sys.argv  # as typed, for results.md
   cli.configure_xla()
-  sys.argv = cli.report_errors(PROG, resolve_config_names, sys.argv)
-  cli.report_errors(PROG, define_config_flag, sys.argv)
+  sys.argv = cli.report_errors(PROG, cli.resolve_config_names, sys.argv)
+  cli.report_errors(PROG, cli.define_config_flag, sys.argv, CONFIG_HELP)
   app.run(lambda argv: cli.report_errors(PROG, main, argv),
           flags_parser=cli.flags_parser(PROG))
 
