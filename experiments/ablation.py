@@ -157,6 +157,7 @@ def run() -> None:
   sys.argv = cli.report_errors(PROG, cli.resolve_config_names, sys.argv)
   cli.report_errors(PROG, cli.define_config_flag, sys.argv,
                     "Dataset config: a packaged name or a config file.")
+  flags.declare_key_flag("config")  # listed by --help
   app.run(lambda argv: cli.report_errors(PROG, main, argv),
           flags_parser=cli.flags_parser(PROG))
 

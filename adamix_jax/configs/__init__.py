@@ -176,19 +176,37 @@ def label(config: ml_collections.ConfigDict) -> str:
 
 
 def _comments(path: str) -> dict[str, str]:
-  """``config.x.y = ...  # comment`` lines of a config file -> comments."""
+  """What a config file says of each field: the comment at the end of its
+  ``config.x.y = ...`` line, else the comment lines right above it."""
   out = {}
   try:
     with open(path) as f:
       lines = f.read().splitlines()
   except OSError:
     return out
-  pattern = re.compile(r"^\s*config\.([\w.]+)\s*=.*?#\s*(.+)$")
+  assignment = re.compile(r"^\s*config\.([\w.]+)\s*=(.*)$")
+  above: list[str] = []
   for line in lines:
-    match = pattern.match(line)
+    stripped = line.strip()
+    if stripped.startswith("#"):
+      text = stripped.lstrip("#").strip()
+      if not text.startswith("---"):
+        above.append(text)
+      continue
+    match = assignment.match(line)
     if match:
-      out[match.group(1)] = match.group(2).strip()
+      _, hash_sign, trailing = match.group(2).partition("  #")
+      comment = trailing.strip() if hash_sign else " ".join(above)
+      if comment:
+        out[match.group(1)] = comment
+    above = []
   return out
+
+
+def _shown(value: Any) -> str:
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return repr(value)
 
 
 def reference(config: ml_collections.ConfigDict, config_value: str) -> str:
@@ -196,11 +214,12 @@ def reference(config: ml_collections.ConfigDict, config_value: str) -> str:
   comments = _comments(os.path.join(CONFIG_DIR, "base.py"))
   path = resolve(config_value).partition(":")[0]
   comments.update(_comments(path))
-  lines = [f"Fields of config {config_value!r} ({path}); set any with "
-           "--config.FIELD=VALUE. Lists: --config.seeds=0,1 or "
-           "--config.methods=dp_sgd,adamix.", ""]
-  for name, value in fields(config).items():
-    comment = comments.get(name)
-    lines.append(f"  --config.{name}={value!r}" +
+  name = os.path.splitext(os.path.basename(path))[0]
+  lines = [f"Fields of config {name!r} ({path}); set any with "
+           "--config.FIELD=VALUE. Lists are comma separated: "
+           "--config.seeds=0,1, --config.methods=dp_sgd,adamix.", ""]
+  for field, value in fields(config).items():
+    comment = comments.get(field)
+    lines.append(f"  --config.{field}={_shown(value)}" +
                  (f"    # {comment}" if comment else ""))
   return "\n".join(lines)

@@ -163,8 +163,10 @@ def run_public_init(config, workdir: Workdir) -> None:
         features["x_train"].shape[1])
     io.save_npz(path, **arrays)
     io.save_json(path.replace(".npz", ".json"), info)
-    _say(config, f"  seed {seed}: {info.get('init', 'public')} start from "
-         f"{info.get('public_examples', len(public_idx))} public examples")
+    start = ("zero-shot head (no public example)"
+             if info.get("init") == "zero_shot" else
+             f"public model from {len(public_idx)} public examples")
+    _say(config, f"  seed {seed}: {start}")
 
 
 def load_seed(config, workdir: Workdir, seed: int,
@@ -200,6 +202,16 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     return
   recipe = recipe_lib.make_recipe(config)
   features = load_features(workdir)
+  # Sigma depends on (epsilon, delta, q, T) only: calibrated once per
+  # epsilon here (cached for the runs), each with its own line, as the PLD
+  # accountant takes seconds.
+  for epsilon in sorted({e for m, e, _ in jobs if m in DP_METHODS}):
+    start = time.time()
+    _say(config, f"  sigma for eps={epsilon:g}, delta={config.delta:g}, "
+         f"q={config.train.sampling_rate:g}, T={recipe_lib.num_steps(config)}"
+         " (PLD calibration) ...", end="")
+    sigma = recipe_lib.noise_multiplier(config, epsilon)
+    _say(config, f" {sigma:.3f}, {time.time() - start:.1f}s")
   seeds: dict[int, recipe_lib.SeedData] = {}
   for method, epsilon, seed in jobs:
     if seed not in seeds:

@@ -110,9 +110,16 @@ def fail(prog: str, message: BaseException | str) -> NoReturn:
 
 def report_errors(prog: str, function: Callable[..., Any], *args: Any,
                   **kwargs: Any) -> Any:
-  """Calls ``function``; a user error becomes ``fail(prog, error)``."""
+  """Calls ``function``; a user error becomes ``fail(prog, error)``, Ctrl-C
+  one line saying how to resume (exit code 130)."""
   try:
     return function(*args, **kwargs)
+  except KeyboardInterrupt:
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    print(f"\n{prog}: interrupted. Finished work is kept in the workdir: "
+          "rerun the same command to resume.", file=sys.stderr, flush=True)
+    sys.exit(130)
   except Exception as error:  # pylint: disable=broad-except
     if is_user_error(error) and not os.environ.get(TRACEBACK_ENV):
       fail(prog, error)
