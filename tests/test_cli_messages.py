@@ -106,6 +106,10 @@ def test_cli_messages_bad_values_and_stray_arguments(tmp_path):
       _run("adamix_jax.launch.main", "--workdir", workdir,
            "--config.methods=dp_sgd,adamx"), "adamix-train", "adamx",
       "dp_sgd")
+  _assert_one_line_error(
+      _run("adamix_jax.launch.main", "--workdir", workdir,
+           "--config.epsilons=1,x"), "adamix-train", "config.epsilons",
+      "--config.epsilons=1,8")
   # Where the data should be but is not: still one line, naming the fix.
   _assert_one_line_error(
       _run("adamix_jax.launch.main", "--workdir", workdir,
