@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import warnings
 from typing import Any, Optional, Sequence
 
 import jax
@@ -105,7 +107,30 @@ def make_data_mesh(num_devices: Optional[int] = None,
       raise ValueError(f"num_devices={num_devices} but {len(available)} "
                        "device(s) are available.")
     devices = available[:num_devices]
+  warn_if_collectives_may_abort(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+# XLA (jaxlib 0.10.2) aborts the process when the threads of one CPU
+# collective arrive more than 20 + 40 s apart; simulated CPU devices on a
+# loaded machine do. ``launch.cli.configure_xla`` sets these for the
+# console scripts.
+CPU_COLLECTIVE_TIMEOUT_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
+
+
+def warn_if_collectives_may_abort(devices: Sequence[jax.Device]) -> None:
+  """Warns when a mesh of several CPU devices keeps XLA's 40 s abort."""
+  if (len(devices) > 1 and all(d.platform == "cpu" for d in devices)
+      and CPU_COLLECTIVE_TIMEOUT_FLAG not in os.environ.get("XLA_FLAGS", "")):
+    warnings.warn(
+        f"A mesh of {len(devices)} CPU devices: XLA aborts the process "
+        "(SIGABRT) when their threads reach a collective more than 60 s "
+        "apart, as on a loaded machine. Before jax starts, add "
+        f"--{CPU_COLLECTIVE_TIMEOUT_FLAG}=1800 and "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 to "
+        "XLA_FLAGS (adamix-train and adamix-sweep do). An aborted run resumes "
+        "from its checkpoint with the same command.", RuntimeWarning,
+        stacklevel=3)
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,7 +1,9 @@
 """Shared pytest setup.
 
 XLA_FLAGS must be set before jax is first imported anywhere: the data
-parallel tests run the same step on 8 simulated CPU devices.
+parallel tests run the same step on 8 simulated CPU devices, with the CPU
+collective timeouts of the console scripts (a loaded CI machine otherwise
+gets XLA's 40 s abort).
 """
 
 import hashlib
@@ -9,7 +11,10 @@ import os
 
 import pytest
 
+from adamix_jax.launch import cli
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+cli.configure_xla()
 
 
 @pytest.fixture(scope="module")

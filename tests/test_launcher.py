@@ -28,7 +28,8 @@ RESULT_KEYS = {"dataset", "method", "epsilon", "delta", "seed",
                "public_per_class", "test_error", "epsilon_spent",
                "noise_multiplier", "steps", "sampling_rate"}
 # Documented extras a record may carry besides the contract.
-OPTIONAL_KEYS = {"epsilon_spent_rdp", "insecure_reproducible_noise"}
+OPTIONAL_KEYS = {"epsilon_spent_rdp", "insecure_reproducible_noise",
+                 "private_examples", "public_examples"}
 EPSILONS = (1.0, 8.0)
 
 
@@ -119,6 +120,27 @@ def test_launcher_end_to_end_digits_small(digits_run):
     rows = [line for line in table.splitlines()
             if line.startswith(f"| {eps:g} |")]
     assert len(rows) == 1, (eps, table)
+  # The privacy of each run: epsilon spent, sigma, steps, q, set sizes.
+  assert ("| method | epsilon | seed | epsilon spent | epsilon spent (RDP) "
+          "| sigma | steps | q | private examples | public examples |") in table
+  for record in saved:
+    if record["method"] in stages.DP_METHODS:
+      assert record["private_examples"] > 1000
+      assert record["public_examples"] == 10 * config.public_per_class
+      row = (f"| {'AdaMix' if record['method'] == 'adamix' else 'DP-SGD'} | "
+             f"{record['epsilon']:g} | 0 | {record['epsilon_spent']:.3f} | "
+             f"{record['epsilon_spent_rdp']:.3f} | "
+             f"{record['noise_multiplier']:.3f} | {steps} | 1 | "
+             f"{record['private_examples']} | {record['public_examples']} |")
+      assert row in table, (row, table)
+  # The header: the data and the fields that differ from base.py (short);
+  # the whole config at the end.
+  assert "train.epochs=3" in table and "cv_folds=2" in table
+  assert "train.learning_rate" not in table.split("## Test error")[0]
+  assert '"learning_rate": 2.0' in table
+  # The main job draws the privacy-utility plot.
+  with open(os.path.join(workdir, stages.PLOT_FILE), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   with open(os.path.join(workdir, "accounting.json")) as f:
     spent = json.load(f)
@@ -220,6 +242,9 @@ def test_launcher_cli_runs(tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   assert "| epsilon |" in result.stdout
   assert any(line.startswith("| 1 |") for line in result.stdout.splitlines())
+  # The final summary: the epsilon spent by each private run.
+  assert "| epsilon spent |" in result.stdout
+  assert "Traceback" not in result.stderr
   with open(workdir / "results.json") as f:
     saved = json.load(f)
   assert sorted(map(_key, saved), key=str) == sorted(

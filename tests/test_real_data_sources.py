@@ -346,6 +346,11 @@ def test_real_data_fashion_mnist_from_idx_files(tmp_path):
   gray = data.load_fashion_mnist(tmp_path, channels=1).split("train")
   assert gray.as_array().shape == (6, 28, 28, 1)
   assert np.array_equal(gray[5][0][..., 0], image[..., 0])
+  # data_dir, as every other folder dataset takes it, is the same folder.
+  same = data.get_source("fashion_mnist", data_dir=tmp_path).split("train")
+  assert np.array_equal(same[5][0], image)
+  with pytest.raises(ValueError, match="pass one of them"):
+    data.get_source("fashion_mnist", root=tmp_path, data_dir=tmp_path / "x")
 
 
 def test_real_data_fashion_mnist_errors(tmp_path):
@@ -440,7 +445,7 @@ def test_real_data_npz_object_array_and_missing_file(tmp_path):
 def test_real_data_registry():
   assert set(data.KNOWN_SOURCES) == {
       "digits", "fashion_mnist", "npz", "oxford_pets", "cub200", "flowers102",
-      "stanford_dogs", "caltech101", "mit67", "caltech256"}
+      "stanford_dogs", "caltech101", "mit67", "caltech256", "image_folder"}
   with pytest.raises(ValueError, match="Known sources: caltech101, caltech256"):
     data.get_source("imagenet")
   digits = data.get_source("digits")

@@ -210,3 +210,29 @@ def test_sweep_points_grid_and_overrides(tmp_path):
   shards = [sweep_lib.shard(sweep_lib.groups_of(points), 4, i)
             for i in range(4)]
   assert sum(len(s) for s in shards) == 6
+
+
+def test_one_point_sweep_prints_few_lines_and_a_correct_pod_command(tmp_path):
+  # Space-separated flag values, as a user types them: the pod command is
+  # built from the parsed values (it once became "--seeds 0 1").
+  root = str(tmp_path / "sweep")
+  command = [sys.executable, "-m", "adamix_jax.launch.sweep", "--root", root,
+             "--methods", "adamix", "--epsilons", "1", "--seeds", "0",
+             "--processes", "1"] + [a for s in TINY for a in ("--set", s)]
+  result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (result.stdout + result.stderr).splitlines()
+  # It used to print 754 lines, 735 of them orbax INFO logs.
+  assert len(lines) < 50, "\n".join(lines)
+  assert not any(" INFO " in line or line.startswith("I1") for line in lines)
+  assert "1 points: 0 finished (skipped), 1 to run" in result.stdout
+  pod = [line for line in lines if "gcloud compute tpus" in line]
+  assert len(pod) == 1
+  inner = pod[0].split("--command=", 1)[1]
+  assert f"--root={root}" in inner
+  assert "--methods=adamix --epsilons=1 --seeds=0 " in inner
+  assert "--set=train.epochs=2" in inner and "--shard_by_jax_process" in inner
+  assert "--processes" not in inner
+  with open(os.path.join(root, "summary", "privacy_utility.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

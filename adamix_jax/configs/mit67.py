@@ -28,12 +28,12 @@ offline):
 
 Zero-shot (no public images: adamix starts from CLIP's text head, which costs
 no privacy; public_only then reports that head's error, and dp_sgd is the
-baseline). Tuple fields of strings need a quoted Python literal:
+baseline). Lists are comma separated:
 
   adamix-train --config mit67:clip_vit_b32 \
       --config.dataset_kwargs.data_dir=DIR \
       --config.public_per_class=0 \
-      --config.methods="('public_only','adamix','dp_sgd')" \
+      --config.methods=public_only,adamix,dp_sgd \
       --workdir /tmp/mit67_zero_shot
 
 Few-shot public set, private set, epsilons, seeds and every private-training

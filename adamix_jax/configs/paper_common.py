@@ -16,11 +16,11 @@ command line can only override fields a config declares, which is why the
 backbone is picked by the config string rather than by ``--config.backbone``
 alone (that also works, but then ``name_or_path`` cannot be set).
 
-Tuple fields take a quoted Python literal on the command line:
-``--config.methods="('public_only','adamix','dp_sgd')"``. Numbers may be
-comma separated (``--config.seeds=0,1``, ``--config.epsilons=1,8``), but
-strings may not: ``--config.methods=adamix,dp_sgd`` becomes the single
-(unknown) method "adamix,dp_sgd" and the run refuses to start.
+Tuple fields are comma separated on the command line:
+``--config.seeds=0,1``, ``--config.epsilons=1,8``,
+``--config.methods=public_only,adamix,dp_sgd`` (the launcher splits strings
+at the commas; a quoted Python literal such as
+``--config.methods="('public_only','adamix')"`` works too).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ BACKBONE_KWARGS = {
 # Datasets read from an image folder (registry: _image_folder_loader); the
 # others are TFDS datasets (data_dir None = $TFDS_DATA_DIR or
 # ~/tensorflow_datasets).
-IMAGE_FOLDER_DATASETS = ("mit67", "caltech256")
+IMAGE_FOLDER_DATASETS = ("mit67", "caltech256", "image_folder")
 
 
 def paper_config(dataset: str, arg: str | None = None

@@ -26,7 +26,7 @@ import csv
 import io as io_lib
 import math
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -179,7 +179,11 @@ def write_csv(records: Sequence[dict], path: str) -> None:
 
 
 def plot(records: Sequence[dict], path: str) -> None:
-  """Privacy-utility curves, one panel per dataset, saved as a PNG."""
+  """Privacy-utility curves, one panel per dataset, saved as a PNG.
+
+  One legend for all panels, outside them on the right (lines never run
+  through it); the figure grows with the panels so the title fits.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -188,9 +192,11 @@ def plot(records: Sequence[dict], path: str) -> None:
   n = max(len(groups), 1)
   cols = min(n, 3)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows),
-                           squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 1.8, 3.6 * rows
+                                                + 0.6),
+                           squeeze=False, layout="constrained")
   colors = {"dp_sgd": "tab:red", "adamix": "tab:blue"}
+  legend: dict[str, Any] = {}
   for ax, (key, rs) in zip(axes.flat, groups.items()):
     means = report.mean_errors(rs)
     epsilons = epsilons_of(rs)
@@ -213,15 +219,18 @@ def plot(records: Sequence[dict], path: str) -> None:
       ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rs})
     ax.set_title(f"{group_label(key, groups)} ({len(seeds)} seed"
-                 f"{'s' if len(seeds) != 1 else ''})")
+                 f"{'s' if len(seeds) != 1 else ''})", fontsize=10)
     ax.set_xlabel("epsilon")
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
   for ax in list(axes.flat)[len(groups):]:
     ax.axis("off")
-  fig.suptitle("Privacy-utility: test error vs epsilon (mean ± std over seeds)")
-  fig.tight_layout()
+  if legend:
+    fig.legend(list(legend.values()), list(legend), loc="outside right upper",
+               fontsize=9, frameon=False)
+  fig.suptitle("Test error vs epsilon\n(mean ± std over seeds)", fontsize=11)
   png = io_lib.BytesIO()
   fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
@@ -237,7 +246,9 @@ def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
   out = out or os.path.join(root, "summary")
   records = collect(root)
   if not records:
-    raise FileNotFoundError(f"No results.json under {root}.")
+    raise FileNotFoundError(
+        f"No results.json under {root}: point --root at a sweep root or a "
+        "folder of adamix-train workdirs.")
   os.makedirs(out, exist_ok=True)
   paths = {"markdown": os.path.join(out, "results.md"),
            "csv": os.path.join(out, "results.csv"),
@@ -250,7 +261,8 @@ def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
 
 def main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="adamix-aggregate",
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--root", required=True,
                       help="folder searched for results.json files")
   parser.add_argument("--out", default=None,
@@ -265,9 +277,11 @@ def main(argv=None) -> None:
 
 
 def run() -> None:
-  """Console entry point ``adamix-aggregate``."""
-  main()
+  """Console entry point ``adamix-aggregate``: bad input is one line on
+  stderr and exit code 2 (``launch.cli``)."""
+  from adamix_jax.launch import cli  # pylint: disable=g-import-not-at-top
+  cli.report_errors("adamix-aggregate", main)
 
 
 if __name__ == "__main__":
-  main()
+  run()

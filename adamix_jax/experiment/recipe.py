@@ -66,6 +66,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if model_kind(config) not in MODEL_KINDS:
     raise ValueError(f"Unknown config.model.kind {model_kind(config)!r}; "
                      f"known: {list(MODEL_KINDS)}.")
+  for name, kind, example in (("epsilons", (int, float), "1,8"),
+                              ("seeds", int, "0,1")):
+    bad = [v for v in config[name]
+           if isinstance(v, bool) or not isinstance(v, kind)]
+    if bad:
+      raise ValueError(f"config.{name} holds {bad}, not "
+                       f"{'numbers' if name == 'epsilons' else 'integers'}; "
+                       f"pass them comma separated, e.g. "
+                       f"--config.{name}={example}.")
   for eps in config.epsilons:
     if not eps > 0:
       raise ValueError(f"Every epsilon must be > 0, got {eps} in "

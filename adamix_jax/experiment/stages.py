@@ -16,7 +16,6 @@ already exists, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from typing import Iterable, Optional
 import ml_collections
 import numpy as np
 
+from adamix_jax import configs as configs_lib
 from adamix_jax import data as data_lib
 from adamix_jax import io
 from adamix_jax.data import fingerprint as fingerprint_lib
@@ -41,11 +41,24 @@ STAGES = ("features", "public_init", "private", "accounting", "report",
 DEFAULT_STAGES = STAGES[:-1]
 # Next to a run's ledger when it recorded individual privacy counts.
 INDIVIDUAL_COUNTS = "individual_counts.npz"
+PLOT_FILE = "privacy_utility.png"
+STAGE_TITLES = {
+    "features": "data -> backbone -> features/",
+    "public_init": "public model w_0 per seed (public examples only)",
+    "private": "paragon and the private runs",
+    "accounting": "epsilon spent by each private run",
+    "report": "results.json, results.md, privacy_utility.png",
+    "analysis": "individual privacy against isolation -> analysis/",
+}
 METHODS = recipe_lib.METHODS
 DP_METHODS = recipe_lib.DP_METHODS
 Workdir = workdir_lib.Workdir
 
-logger = logging.getLogger(__name__)
+
+def _say(config, text: str, end: str = "\n") -> None:
+  """A progress line on stdout (``config.progress``)."""
+  if config.progress:
+    print(text, end=end, flush=True)
 
 
 # --- stage: features -------------------------------------------------------
@@ -186,6 +199,10 @@ def run_public_init(config, workdir: Workdir) -> None:
         features["x_train"].shape[1])
     io.save_npz(path, **arrays)
     io.save_json(path.replace(".npz", ".json"), info)
+    start = ("zero-shot head (no public example)"
+             if info.get("init") == "zero_shot" else
+             f"public model from {len(public_idx)} public examples")
+    _say(config, f"  seed {seed}: {start}")
 
 
 def load_seed(config, workdir: Workdir, seed: int,
@@ -221,6 +238,16 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     return
   recipe = recipe_lib.make_recipe(config)
   features = load_features(workdir)
+  # Sigma depends on (epsilon, delta, q, T) only: calibrated once per
+  # epsilon here (cached for the runs), each with its own line, as the PLD
+  # accountant takes seconds.
+  for epsilon in sorted({e for m, e, _ in jobs if m in DP_METHODS}):
+    start = time.time()
+    _say(config, f"  sigma for eps={epsilon:g}, delta={config.delta:g}, "
+         f"q={config.train.sampling_rate:g}, T={recipe_lib.num_steps(config)}"
+         " (PLD calibration) ...", end="")
+    sigma = recipe_lib.noise_multiplier(config, epsilon)
+    _say(config, f" {sigma:.3f}, {time.time() - start:.1f}s")
   seeds: dict[int, recipe_lib.SeedData] = {}
   for method, epsilon, seed in jobs:
     if seed not in seeds:
@@ -229,8 +256,12 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     out = workdir.run_dir(method, seed, epsilon)
     start = time.time()
     if method == "paragon":
+      _say(config, f"  paragon seed={seed}: non-private, on all "
+           f"{len(data.public_y) + len(data.private_y)} training examples "
+           "...", end="")
       params, meta = recipe.paragon(data, seed)
       meta = {"method": method, "seed": seed, **meta}
+      _say(config, f" {time.time() - start:.1f}s")
     else:
       checkpoints = os.path.join(out, "checkpoints")
       progress = None
@@ -240,9 +271,12 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
       run = recipe.train_dp(method, epsilon, seed, data, mesh=mesh,
                             checkpoint_dir=checkpoints, progress=progress)
       params, meta = run.params, run.meta
-      if meta["resumed_from_step"] is not None:
-        logger.info("%s eps=%s seed=%s resumed at step %d of %d", method,
-                    epsilon, seed, meta["resumed_from_step"], meta["steps"])
+      resumed = ("" if meta["resumed_from_step"] is None else
+                 f", resumed at step {meta['resumed_from_step']}")
+      _say(config, f"  {method} eps={epsilon:g} seed={seed}: {meta['steps']} "
+           f"steps at q={meta['sampling_rate']:g}, sigma="
+           f"{meta['noise_multiplier']:.3f}{resumed}, "
+           f"{time.time() - start:.1f}s")
       run.ledger.save(os.path.join(out, "ledger.json"))
       if run.individual is not None:
         # Derived from the private data: for the 'analysis' stage (the data
@@ -290,13 +324,18 @@ def run_accounting(config, workdir: Workdir) -> None:
       raise accounting.BudgetExceededError(
           f"{path}: spent epsilon {spent_pld:.4f} > target {epsilon}.")
     entries.append(entry)
+    _say(config, f"  {method} eps={epsilon:g} seed={seed}: epsilon spent "
+         f"{spent_pld:.3f} (PLD; RDP {spent_rdp:.3f}) of {epsilon:g}, "
+         f"delta={ledger.delta:g}")
   io.save_json(workdir.path("accounting.json"), entries)
 
 
 # --- stage: report ---------------------------------------------------------
 
 
-def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
+def run_report(config, workdir: Workdir, command: str = "",
+               plot: bool = True) -> list[dict]:
+  """Test errors -> results.json, results.md (and privacy_utility.png)."""
   recipe = recipe_lib.make_recipe(config)
   features = load_features(workdir)
   accounting_path = workdir.path("accounting.json")
@@ -316,7 +355,7 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
             f"No accounting for {method} eps={epsilon} seed={seed}: run the "
             "'accounting' stage before 'report'.")
       records.append({
-          "dataset": config.get("dataset_label") or config.dataset,
+          "dataset": configs_lib.label(config),
           "method": method,
           "epsilon": epsilon, "delta": config.delta if epsilon else None,
           "seed": seed, "public_per_class": config.public_per_class,
@@ -326,6 +365,8 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
           "noise_multiplier": meta.get("noise_multiplier"),
           "steps": meta.get("steps"),
           "sampling_rate": meta.get("sampling_rate"),
+          "private_examples": int(len(data.private_y)),
+          "public_examples": int(len(data.public_y)),
           "insecure_reproducible_noise": (
               recipe_lib.insecure_noise(config) if method in DP_METHODS
               else None)})
@@ -342,9 +383,11 @@ def run_report(config, workdir: Workdir, command: str = "") -> list[dict]:
       record(method, epsilon, params, workdir_lib.load_json_output(
           os.path.join(out, "meta.json"), "the 'private' stage"))
   io.save_json(workdir.path("results.json"), records)
-  table = report_lib.markdown_table(records, config.epsilons)
-  header = report_lib.provenance(config, command)
-  io.save_text(workdir.path("results.md"), header + "\n" + table + "\n")
+  io.save_text(workdir.path("results.md"), report_lib.results_markdown(
+      config, records, command, configs_lib.label(config)))
+  if plot:
+    from adamix_jax.experiment import aggregate  # matplotlib: lazy
+    aggregate.plot(records, workdir.path(PLOT_FILE))
   return records
 
 
@@ -362,8 +405,21 @@ def run_analysis(config, workdir: Workdir) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         stages: Iterable[str] = DEFAULT_STAGES, command: str = "",
-        mesh=None) -> list[dict] | None:
-  """Runs ``stages`` in order; ``mesh``: data-parallel private steps."""
+        mesh=None, plot: bool = True) -> list[dict] | None:
+  """Runs ``stages`` in order, each skipping the work it finds done.
+
+  Args:
+    config: the experiment (``adamix_jax/configs``).
+    workdir: where every stage writes (``workdir.Workdir``); held with a
+      lock for the whole run (one process per workdir).
+    stages: which of ``STAGES`` to run (default: all but "analysis").
+    command: the command line, recorded in results.md.
+    mesh: data-parallel private steps on this mesh (None: one device).
+    plot: the report stage also draws ``WORKDIR/privacy_utility.png``.
+
+  Returns:
+    The records of results.json when the report stage ran, else None.
+  """
   stages = list(stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
@@ -374,16 +430,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
              "private": lambda c, w: run_private(c, w, mesh=mesh),
              "accounting": run_accounting, "analysis": run_analysis}
   records = None
+  chosen = [stage for stage in STAGES if stage in stages]
   with workdir_lib.exclusive(workdir):
     workdir_lib.check_or_save_config(config, wd)
-    for stage in STAGES:
-      if stage not in stages:
-        continue
+    for number, stage in enumerate(chosen, 1):
       start = time.time()
+      _say(config, f"[{number}/{len(chosen)}] {stage}: {STAGE_TITLES[stage]}")
       if stage == "report":
-        records = run_report(config, wd, command)
+        records = run_report(config, wd, command, plot=plot)
       else:
         runners[stage](config, wd)
-      if config.progress:
-        print(f"stage {stage}: done in {time.time() - start:.1f}s", flush=True)
+      _say(config, f"[{number}/{len(chosen)}] {stage}: done in "
+           f"{time.time() - start:.1f}s")
   return records

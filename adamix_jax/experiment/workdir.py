@@ -97,24 +97,53 @@ def _saved_form(config: ml_collections.ConfigDict) -> dict:
   return io.load_json_string(io.dump_json_string(current))
 
 
+_MISSING = object()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"train": {"epochs": 3}} -> {"train.epochs": 3}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _show(value) -> str:
+  return "(absent)" if value is _MISSING else repr(value)
+
+
+def config_differences(config: ml_collections.ConfigDict,
+                       workdir: Workdir) -> Optional[list[str]]:
+  """``"field: saved -> given"`` for each field where ``config`` differs
+  from the workdir's ``config.json``; None when it has none. Reads only."""
+  path = workdir.path("config.json")
+  if not os.path.exists(path):
+    return None
+  saved = load_json_output(path, "the first run of this workdir")
+  for field in UNSAVED_FIELDS:
+    saved.pop(field, None)
+  old, new = _flat(saved), _flat(_saved_form(config))
+  return [f"{k}: {_show(old.get(k, _MISSING))} -> {_show(new.get(k, _MISSING))}"
+          for k in sorted(set(old) | set(new))
+          if old.get(k, _MISSING) != new.get(k, _MISSING)]
+
+
 def check_or_save_config(config: ml_collections.ConfigDict,
                          workdir: Workdir) -> None:
   """Refuses to mix outputs of two different configs in one workdir."""
-  path = workdir.path("config.json")
-  current = _saved_form(config)
-  if os.path.exists(path):
-    saved = load_json_output(path, "the first run of this workdir")
-    for field in UNSAVED_FIELDS:
-      saved.pop(field, None)
-    if saved != current:
-      changed = sorted(k for k in set(saved) | set(current)
-                       if saved.get(k) != current.get(k))
-      raise ConfigMismatchError(
-          f"{workdir.root} holds a run made with a different config (fields "
-          f"{changed} differ). Use a new --workdir, or restore the old "
-          "config; nothing in the workdir was changed.")
-  else:
-    io.save_json(path, current)
+  changed = config_differences(config, workdir)
+  if changed is None:
+    io.save_json(workdir.path("config.json"), _saved_form(config))
+  elif changed:
+    shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
+    raise ConfigMismatchError(
+        f"{workdir.root} holds a run made with a different config "
+        f"({len(changed)} field(s) differ: {shown}). Use a new --workdir, "
+        "or rerun with the workdir's config (its config.json); nothing in "
+        "the workdir was changed.")
 
 
 def load_npz_output(path: str, stage: str) -> dict[str, np.ndarray]:

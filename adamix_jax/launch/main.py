@@ -3,18 +3,31 @@ r"""Runs one AdaMix experiment: features -> public_init -> private -> accounting
   adamix-train --workdir /tmp/adamix_digits
   adamix-train --config fashion_mnist --workdir /tmp/fmnist --config.seeds=0,1
   adamix-train --config digits_cnn --workdir /tmp/cnn      # a whole CNN
+  adamix-train --config.dataset=image_folder \
+      --config.dataset_kwargs.data_dir=DIR --workdir /tmp/mine  # your images
+  adamix-train --config.dataset=npz --config.dataset_kwargs.path=F.npz \
+      --workdir /tmp/mine_npz                                   # your features
   adamix-train --workdir /tmp/adamix_digits --stages report
   adamix-train --workdir /tmp/adamix_digits --stages analysis  # data owner
   adamix-train --workdir /tmp/adamix_digits --data_parallel
+  adamix-train --config fashion_mnist --config_help   # every --config.* field
 
 (``python -m adamix_jax.launch.main`` is the same command.) ``--config``
-takes a packaged config name (``adamix_jax/configs``) or a config file.
+takes a packaged config name (``adamix_jax/configs``) or a config file; with
+no ``--config``, ``--config.dataset=image_folder`` or ``=npz`` starts from
+that generic dataset's packaged config, anything else from ``digits``.
+Override any field with ``--config.FIELD=VALUE``; lists are comma separated
+(``--config.seeds=0,1``, ``--config.methods=dp_sgd,adamix``).
 ``--data_parallel`` runs the private steps data parallel over all devices;
 ``--multihost`` first calls ``jax.distributed.initialize()``, for a TPU pod,
 where the same command runs on every host (see WORKSPACE.md, "Scale out").
 
 Each stage reads the previous stage's output from the workdir; finished work
-is skipped, so re-running the same command resumes an interrupted run.
+is skipped, so re-running the same command resumes an interrupted run. A
+problem with the input (an unknown config field, a workdir made by another
+config, a missing data folder, ...) stops the run with one line on stderr
+and exit code 2, keeping every finished unit; ``ADAMIX_TRACEBACK=1`` shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -25,17 +38,15 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from adamix_jax import configs as configs_lib
+from adamix_jax.launch import cli
 
-config_flags.DEFINE_config_file(
-    "config", configs_lib.default_path(),
-    "Experiment config: a packaged name (" + ", ".join(configs_lib.names()) +
-    ") or a config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
-                               required=True)
+PROG = "adamix-train"
+_USER_ARGV: list[str] = [PROG]  # the command line before config names resolve
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (required, except with --config_help).")
 _STAGES = flags.DEFINE_list(
     "stages", "features,public_init,private,accounting,report",
     "Stages to run, in order; 'analysis' (individual privacy vs isolation, "
@@ -47,38 +58,53 @@ _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
     "Call jax.distributed.initialize() first (multi-host TPU pods); implies "
     "--data_parallel.")
+_CONFIG_HELP = flags.DEFINE_bool(
+    "config_help", False,
+    "Print every field of the config (--config.FIELD=VALUE overrides it), "
+    "its value and what it means, and exit.")
+
+CONFIG_HELP = ("Experiment config: a packaged name (" +
+               ", ".join(configs_lib.names()) + ") or a config file. Override "
+               "any field with --config.FIELD=VALUE (lists comma separated); "
+               "--config_help lists the fields.")
 
 
 def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # e.g. orbax's INFO lines
+  del argv  # stray arguments were refused by the flags parser
+  config = flags.FLAGS.config
+  configs_lib.split_comma_lists(config)
+  if _CONFIG_HELP.value:
+    print(configs_lib.reference(config, cli.config_value(sys.argv)))
+    return
+  if not _WORKDIR.value:
+    raise cli.UserError("--workdir is required: the folder for this run's "
+                        "outputs (a rerun with the same one resumes).")
+  cli.quiet_third_party_logs()
   from adamix_jax import parallel  # after flags: faster --help
   from adamix_jax.experiment import report, stages
   mesh = parallel.launch_mesh(_DATA_PARALLEL.value, _MULTIHOST.value)
-  command = "adamix-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  records = stages.run(flags.FLAGS.config, _WORKDIR.value, _STAGES.value,
-                       command=command, mesh=mesh)
+  command = f"{PROG} " + " ".join(shlex.quote(a) for a in _USER_ARGV[1:])
+  records = stages.run(config, _WORKDIR.value, _STAGES.value, command=command,
+                       mesh=mesh)
   if records is not None:
-    print(report.markdown_table(records, flags.FLAGS.config.epsilons))
-    print(f"\nWrote {os.path.join(_WORKDIR.value, 'results.json')} and "
-          f"results.md")
-
-
-def resolve_config_names(argv: list[str]) -> list[str]:
-  """``--config NAME`` (packaged) -> ``--config PATH``, before absl parses."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg.startswith("--config=") and not arg.startswith("--config.="):
-      out[i] = "--config=" + configs_lib.resolve(arg[len("--config="):])
-    elif arg == "--config" and i + 1 < len(out):
-      out[i + 1] = configs_lib.resolve(out[i + 1])
-  return out
+    print("\n" + report.markdown_table(records, config.epsilons))
+    if any(r.get("epsilon") is not None for r in records):
+      print("\nEpsilon spent by each private run:\n")
+      print(report.privacy_table(records))
+    outputs = ", ".join(os.path.join(_WORKDIR.value, name) for name in (
+        "results.json", "results.md", stages.PLOT_FILE))
+    print(f"\nWrote {outputs}")
 
 
 def run() -> None:
   """Console entry point ``adamix-train``."""
-  sys.argv = resolve_config_names(sys.argv)
-  app.run(main)
+  _USER_ARGV[:] = sys.argv  # as typed, for results.md
+  cli.configure_xla()
+  sys.argv = cli.report_errors(PROG, cli.resolve_config_names, sys.argv)
+  cli.report_errors(PROG, cli.define_config_flag, sys.argv, CONFIG_HELP)
+  flags.declare_key_flag("config")  # listed by --help
+  app.run(lambda argv: cli.report_errors(PROG, main, argv),
+          flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ key=value`` (repeatable) overrides a config field for every point, e.g.
 
 At the end, ``experiment.aggregate`` writes ROOT/summary/{results.md,
 results.csv, privacy_utility.png}, and the command for running the same
-sweep on a Cloud TPU pod is printed.
+sweep on a Cloud TPU pod is printed. Every flag takes ``--name=value`` (or
+``--name value``) with lists comma separated: ``--seeds=0,1``; a stray
+argument (``--seeds 0 1``) is an error. A bad command line, config or
+override stops the sweep with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from absl import app
 from absl import flags
 
 from adamix_jax import configs as configs_lib
+from adamix_jax.launch import cli
 from adamix_jax.launch import sweep_lib
+
+PROG = "adamix-sweep"
 
 _ROOT = flags.DEFINE_string("root", None, "Sweep output folder.",
                             required=True)
@@ -65,18 +71,42 @@ _AGGREGATE = flags.DEFINE_bool("aggregate", True,
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the points and exit.")
 
 
+def _numbers(name: str, values, kind):
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise cli.UserError(f"--{name}={','.join(values)}: expected comma-"
+                        f"separated {kind.__name__}s, e.g. --{name}=0,1."
+                        ) from None
+
+
+def set_flags() -> list[tuple[str, object]]:
+  """(name, parsed value) of every flag of this module the user set."""
+  out = []
+  for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+    if not flag.present:
+      continue
+    if flag.name == "set":
+      out.extend(("set", value) for value in flag.value)
+    else:
+      out.append((flag.name, flag.value))
+  return out
+
+
 def main(argv):
-  del argv
+  del argv  # stray arguments were refused by the flags parser
+  cli.quiet_third_party_logs()
   command = "adamix-sweep " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   points = sweep_lib.build_points(
       _ROOT.value, [configs_lib.resolve(c) for c in _CONFIGS.value],
       _METHODS.value,
-      epsilons=None if _EPSILONS.value is None else [
-          float(e) for e in _EPSILONS.value],
-      seeds=None if _SEEDS.value is None else [int(s) for s in _SEEDS.value],
-      public_per_class=None if _PUBLIC_PER_CLASS.value is None else [
-          int(k) for k in _PUBLIC_PER_CLASS.value],
+      epsilons=None if _EPSILONS.value is None else _numbers(
+          "epsilons", _EPSILONS.value, float),
+      seeds=None if _SEEDS.value is None else _numbers(
+          "seeds", _SEEDS.value, int),
+      public_per_class=None if _PUBLIC_PER_CLASS.value is None else _numbers(
+          "public_per_class", _PUBLIC_PER_CLASS.value, int),
       overrides=[sweep_lib.parse_override(s) for s in _SET.value])
   num_shards, shard_index, processes = (_NUM_SHARDS.value, _SHARD_INDEX.value,
                                         _PROCESSES.value)
@@ -98,7 +128,11 @@ def main(argv):
                                  _DATA_PARALLEL.value)
   failed = [r for r in results if r["status"] == "failed"]
   for r in failed:
-    print(f"\n--- {r['point']} failed ---\n{r['traceback']}", file=sys.stderr)
+    if r.get("user_error"):
+      print(f"{PROG}: error: {r['point']}: {r['error']}", file=sys.stderr)
+    else:
+      print(f"\n--- {r['point']} failed ---\n{r['traceback']}",
+            file=sys.stderr)
   if _AGGREGATE.value and shard_index == 0:
     from adamix_jax.experiment import aggregate  # pylint: disable=g-import-not-at-top
     try:
@@ -113,15 +147,20 @@ def main(argv):
         print(f"wrote {name}: {path}")
   print("\nThe same sweep on a Cloud TPU pod (ROOT on a file system every "
         "host sees; each host runs its share of the groups):\n  " +
-        sweep_lib.pod_command(sys.argv[1:]))
+        sweep_lib.pod_command(set_flags()))
   if failed:
-    sys.exit(f"{len(failed)} point(s) failed; re-run the same command to "
-             "retry them (finished points are skipped).")
+    print(f"{PROG}: error: {len(failed)} point(s) failed (above); re-run the "
+          "same command to retry them (finished points are skipped).",
+          file=sys.stderr)
+    sys.exit(1 if any(not r.get("user_error") for r in failed)
+             else cli.EXIT_USER_ERROR)
 
 
 def run() -> None:
   """Console entry point ``adamix-sweep``."""
-  app.run(main)
+  cli.configure_xla()
+  app.run(lambda argv: cli.report_errors(PROG, main, argv),
+          flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":

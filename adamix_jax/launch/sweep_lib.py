@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import dataclasses
-import importlib.util
 import multiprocessing
 import os
 import time
@@ -65,14 +64,10 @@ class Point:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file (as ``--config FILE`` would load it)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config file {path}.")
-  name = "_sweep_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """``get_config()`` of a config (as ``--config`` would load it): a file,
+  or a packaged name, optionally with ``:arg``."""
+  from adamix_jax import configs  # pylint: disable=g-import-not-at-top
+  return configs.load(path)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -103,14 +98,24 @@ def apply_overrides(config: ml_collections.ConfigDict,
       if parts[-1] not in parent:
         raise KeyError(f"--set {key}: no field {parts[-1]!r} in the config.")
       value = _literal(raw)
-      if isinstance(parent[parts[-1]], tuple) and isinstance(value, list):
-        value = tuple(value)
+      if isinstance(parent[parts[-1]], tuple):
+        if isinstance(value, list):
+          value = tuple(value)
+        elif isinstance(value, str):  # methods=dp_sgd,adamix
+          value = tuple(v.strip() for v in value.split(",") if v.strip())
+        elif not isinstance(value, tuple):  # seeds=0
+          value = (value,)
       parent[parts[-1]] = value
 
 
 def config_label(path: str, config: ml_collections.ConfigDict) -> str:
-  return config.get("dataset_label") or os.path.splitext(
-      os.path.basename(path))[0]
+  """``dataset_label``, a generic dataset's own name, or the file's name."""
+  from adamix_jax import configs  # pylint: disable=g-import-not-at-top
+  if config.get("dataset_label"):
+    return config.dataset_label
+  if config.dataset in configs.GENERIC_DATASET_CONFIGS:
+    return configs.label(config)
+  return os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
 
 
 def build_points(root: str,
@@ -135,7 +140,9 @@ def build_points(root: str,
                   if m in methods and m in PRIVATE_METHODS)
   points, labels = [], {}
   for path in config_paths:
-    path = os.path.abspath(path)
+    file_path, sep, arg = path.partition(":")
+    if os.path.isfile(file_path):
+      path = os.path.abspath(file_path) + sep + arg
     config = load_config_file(path)
     apply_overrides(config, overrides)
     label = config_label(path, config)
@@ -187,21 +194,32 @@ def run_point(point: Point, command: str = "", data_parallel: bool = False
     mesh = parallel.make_data_mesh(devices=jax.local_devices())
   start = time.time()
   stages.run(point_config(point), point.workdir,
-             command=f"{command} # point: {point.describe()}", mesh=mesh)
+             command=f"{command} # point: {point.describe()}", mesh=mesh,
+             plot=False)
   return {"point": point.describe(), "status": "done",
           "seconds": round(time.time() - start, 1)}
 
 
 def run_group(points: Sequence[Point], command: str = "",
               data_parallel: bool = False) -> list[dict]:
-  """Runs a group's points in order; a failure is reported, not raised."""
+  """Runs a group's points in order; a failure is reported, not raised.
+
+  A user error (``cli.is_user_error``: bad data, a workdir made by another
+  config, ...) is reported by its message; any other failure also by its
+  traceback.
+  """
+  from adamix_jax.launch import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_third_party_logs()  # also in spawned worker processes
   results = []
   for point in points:
     try:
       results.append(run_point(point, command, data_parallel))
     except Exception as error:  # pylint: disable=broad-except
+      user_error = cli.is_user_error(error)
       results.append({"point": point.describe(), "status": "failed",
-                      "error": f"{type(error).__name__}: {error}",
+                      "error": (cli.one_line(error) if user_error else
+                                f"{type(error).__name__}: {error}"),
+                      "user_error": user_error,
                       "traceback": traceback.format_exc()})
   return results
 
@@ -253,11 +271,32 @@ def run_points(points: Sequence[Point], processes: int = 1, command: str = "",
   return results
 
 
-def pod_command(argv: Sequence[str]) -> str:
-  """The same sweep on a Cloud TPU pod: every host runs a share of groups."""
+POD_DROPPED_FLAGS = ("processes", "num_shards", "shard_index",
+                     "shard_by_jax_process", "dry_run")
+
+
+def flag_argument(name: str, value: Any) -> str:
+  """``--name=value`` as absl parses it back (lists comma separated)."""
+  if isinstance(value, bool):
+    return f"--{name}" if value else f"--no{name}"
+  if isinstance(value, (list, tuple)):
+    value = ",".join(str(v) for v in value)
+  return f"--{name}={value}"
+
+
+def pod_command(flag_values: Sequence[tuple[str, Any]]) -> str:
+  """The same sweep on a Cloud TPU pod: every host runs a share of groups.
+
+  Args:
+    flag_values: (name, parsed value) of every sweep flag the user set (a
+      multi flag such as ``--set`` gives one pair per value). Built from
+      parsed values, never from the command's text, so ``--seeds 0`` and
+      ``--seeds=0`` give the same command. The local parallelism flags
+      (``POD_DROPPED_FLAGS``) are replaced by ``--shard_by_jax_process``.
+  """
   import shlex  # pylint: disable=g-import-not-at-top
-  kept = [a for a in argv if not a.startswith(("--processes", "--num_shards",
-                                               "--shard_index"))]
+  kept = [flag_argument(name, value) for name, value in flag_values
+          if name not in POD_DROPPED_FLAGS]
   inner = " ".join(["adamix-sweep"] + [shlex.quote(a) for a in kept]
                    + ["--shard_by_jax_process"])
   return ("gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all "
