@@ -51,9 +51,13 @@ def _assert_one_line_error(result, prog, *fragments):
 
 
 def _snapshot(root) -> dict[str, tuple[int, bytes]]:
+  """Every output file's mtime and bytes (not the lock, which only names
+  the process holding the workdir)."""
   out = {}
   for directory, _, files in os.walk(root):
     for name in files:
+      if name == ".lock":
+        continue
       path = os.path.join(directory, name)
       with open(path, "rb") as f:
         out[path] = (os.stat(path).st_mtime_ns, f.read())
