@@ -601,3 +601,65 @@ def test_train_private_head_budget_guard_refuses_before_any_step():
   with pytest.raises(accounting.BudgetExceededError):
     _ledger_run(ledger, 4, calls)
   assert calls == [] and ledger.total_steps == 2
+
+
+# --- a public feature map (W~ = W~_0 + M V) -----------------------------------
+
+
+def _feature_map_run(x, y, mask_last: bool, feature_map, noise=0.0):
+  """One full-batch step from V = 0 (lr 1, q N = N): returns W~_1."""
+  rng = _rng(61)
+  xp = rng.normal(size=(9, DIM)).astype(np.float32)
+  w0 = {"kernel": 0.3 * rng.normal(size=(DIM, CLASSES)).astype(np.float32),
+        "bias": np.zeros(CLASSES, np.float32)}
+  if not mask_last:
+    x, y = x[:-1], y[:-1]
+  config = settings.StepConfig(noise_multiplier=noise,
+                               expected_batch_size=1.0, learning_rate=1.0,
+                               clip_norm=0.5, normalize_by_threshold=False)
+  params = linear_head.train_private_head(
+      x, y, xp, np.arange(9) % CLASSES, w0, config, steps=1,
+      sampling_rate=1.0, average_tail=0.0,
+      ledger=accounting.PrivacyLedger(1e-5),
+      coins=MechanismCoins.insecure_from_seed(0), feature_map=feature_map)
+  return np.asarray(linear.stack(params), np.float64), np.asarray(
+      linear.stack(w0), np.float64)
+
+
+def test_sensitivity_feature_map_clips_in_the_mapped_space():
+  """With a public map M the head trains V on z = x~ M and releases
+  W~_0 + M V: a neighbour moves V by at most C (clipping acts on the
+  gradient w.r.t. V), whatever M does to norms; the identity map is the
+  plain run."""
+  rng = _rng(60)
+  x = rng.normal(size=(30, DIM)).astype(np.float32)
+  x[-1] *= 1e3  # the neighbour: a huge example, clipped
+  y = np.arange(30) % CLASSES
+  m = (rng.normal(size=(DIM + 1, DIM + 1)) *
+       np.logspace(-1, 1, DIM + 1)[None, :]).astype(np.float32)  # inflating
+  released = [_feature_map_run(x, y, last, m)[0] for last in (False, True)]
+  w0 = _feature_map_run(x, y, False, m)[1]
+  v = [np.linalg.solve(m.astype(np.float64), r - w0) for r in released]
+  diff = np.linalg.norm(v[1] - v[0])
+  assert 0.99 * 0.5 <= diff <= 0.5 * (1 + 1e-4), diff
+  # Control: in the original space the same release moves by more than C
+  # (M inflates): the bound holds for V, the quantity clipped and noised.
+  assert np.linalg.norm(released[1] - released[0]) > 0.5
+  # The identity map is the plain run from W~_0.
+  plain_config = settings.StepConfig(noise_multiplier=0.0,
+                                     expected_batch_size=1.0,
+                                     learning_rate=1.0, clip_norm=0.5,
+                                     normalize_by_threshold=False)
+  eye = np.eye(DIM + 1, dtype=np.float32)
+  mapped, _ = _feature_map_run(x, y, True, eye)
+  rng = _rng(61)
+  xp = rng.normal(size=(9, DIM)).astype(np.float32)
+  w0_params = {"kernel": 0.3 * rng.normal(size=(DIM, CLASSES)).astype(
+      np.float32), "bias": np.zeros(CLASSES, np.float32)}
+  plain = linear_head.train_private_head(
+      x, y, xp, np.arange(9) % CLASSES, w0_params, plain_config, steps=1,
+      sampling_rate=1.0, average_tail=0.0,
+      ledger=accounting.PrivacyLedger(1e-5),
+      coins=MechanismCoins.insecure_from_seed(0))
+  np.testing.assert_allclose(mapped, linear.stack(plain), rtol=1e-5,
+                             atol=1e-5)

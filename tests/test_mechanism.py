@@ -122,7 +122,7 @@ def _linear_backend(kind: str, path: str = "closed_form",
     x_aug = linear.augment(jnp.asarray(x))
     grads = per_example.per_example_grads(
         linear_step._matrix_example_loss, _MATRIX,  # pylint: disable=protected-access
-        (x_aug, jnp.asarray(y)))
+        (x_aug, jnp.asarray(y), jnp.zeros((len(y), CLASSES), jnp.float32)))
     return _flat_rows(jax.vmap(lambda g: subspace_lib.coefficients_of(
         subspace, g))(grads))
 

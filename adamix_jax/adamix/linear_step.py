@@ -62,6 +62,9 @@ class PublicData:
   x_aug: jax.Array  # (n, d+1)
   y: jax.Array  # (n,)
   gram: Optional[jax.Array] = None  # (n, n) = x_aug @ x_aug.T
+  # Fixed logits added to x_aug @ W (the frozen public model's, when the
+  # trained head is a correction in a public feature map): (n, c) or None.
+  base_logits: Optional[jax.Array] = None
 
   @property
   def size(self) -> int:
@@ -69,12 +72,13 @@ class PublicData:
 
 
 def make_public_data(x_aug: jax.Array, y: jax.Array,
-                     cache_gram: bool = True) -> PublicData:
+                     cache_gram: bool = True,
+                     base_logits: Optional[jax.Array] = None) -> PublicData:
   """PublicData with its feature Gram cached (public data only)."""
   gram = None
   if cache_gram and y.shape[0] > 0:
     gram = subspace_lib.public_feature_gram(x_aug)
-  return PublicData(x_aug=x_aug, y=y, gram=gram)
+  return PublicData(x_aug=x_aug, y=y, gram=gram, base_logits=base_logits)
 
 
 @flax.struct.dataclass
@@ -88,6 +92,7 @@ class PrivateData:
   x_aug: jax.Array  # (N, d+1)
   y: jax.Array  # (N,)
   kernel: Optional[jax.Array] = None
+  base_logits: Optional[jax.Array] = None  # (N, c), see PublicData
 
 
 class StepMetrics(NamedTuple):
@@ -112,11 +117,17 @@ class MatrixState:
   step: jax.Array
 
 
-def init_matrix_state(anchor_params: dict, key: jax.Array,
-                      init_params: Optional[dict] = None) -> MatrixState:
-  anchor = linear.stack(anchor_params)
+def _matrix(params) -> jax.Array:
+  return linear.stack(params) if isinstance(params, dict) else params
+
+
+def init_matrix_state(anchor_params, key: jax.Array,
+                      init_params=None) -> MatrixState:
+  """The matrix state at ``init_params`` (default the anchor); each is a
+  {"kernel", "bias"} dict or an augmented (D, c) matrix."""
+  anchor = _matrix(anchor_params)
   # A copy: the state is donated to the jitted step, anchor and start too.
-  start = jnp.array(anchor if init_params is None else linear.stack(init_params),
+  start = jnp.array(anchor if init_params is None else _matrix(init_params),
                     copy=True)
   return MatrixState(matrix=start, anchor=anchor,
                      average=jnp.zeros_like(start),
@@ -219,7 +230,8 @@ def _public_gram(public: PublicData) -> jax.Array:
 
 def _public_residuals(state, cache, public: PublicData) -> jax.Array:
   if cache is None:
-    return linear.residuals(state.matrix, public.x_aug, public.y)
+    return linear.residuals(state.matrix, public.x_aug, public.y,
+                            public.base_logits)
   logits = (cache.public_anchor_logits +
             state.decay * cache.public_offset_logits +
             _public_gram(public) @ state.coef)
@@ -227,27 +239,33 @@ def _public_residuals(state, cache, public: PublicData) -> jax.Array:
 
 
 def _matrix_example_loss(matrix, example):
-  x_aug, y = example
-  return optax.softmax_cross_entropy_with_integer_labels(x_aug @ matrix, y)
+  x_aug, y, base = example
+  return optax.softmax_cross_entropy_with_integer_labels(base + x_aug @ matrix,
+                                                         y)
 
 
 def matrix_contributions(subspace: subspace_lib.Subspace, matrix: jax.Array,
                          x_aug: jax.Array, y: jax.Array,
                          flags: settings_lib.PerformanceFlags,
-                         kernel: Optional[jax.Array] = None):
+                         kernel: Optional[jax.Array] = None,
+                         base_logits: Optional[jax.Array] = None):
   """A batch's contributions at W~ (the mechanism's backend): closed form
   (``kernel``: the batch's cached rows of X~ X~p^T, "gradients" only) or
-  vmap per-example gradients projected onto the subspace."""
+  vmap per-example gradients projected onto the subspace. ``base_logits``:
+  the batch's fixed logits added to x~ W~ (see PublicData)."""
   if flags.path == "closed_form":
     if subspace.kind != "gradients":
       kernel = None
     return subspace_lib.closed_form_contributions(
-        subspace, x_aug, linear.residuals(matrix, x_aug, y), kernel)
+        subspace, x_aug, linear.residuals(matrix, x_aug, y, base_logits),
+        kernel)
   transform = None
   if subspace.kind != "none":
     transform = lambda g: subspace_lib.coefficients_of(subspace, g)
+  if base_logits is None:
+    base_logits = jnp.zeros((y.shape[0], matrix.shape[1]), matrix.dtype)
   return per_example.vmap_contributions(
-      _matrix_example_loss, matrix, (x_aug, y), transform,
+      _matrix_example_loss, matrix, (x_aug, y, base_logits), transform,
       microbatch_size=flags.microbatch_size)
 
 
@@ -269,8 +287,9 @@ def _private_contributions(state, cache, subspace, private: PrivateData,
   if cache is not None:
     return dual_contributions(subspace, state, cache, y, indices)
   kernel = None if private.kernel is None else private.kernel[indices]
+  base = None if private.base_logits is None else private.base_logits[indices]
   return matrix_contributions(subspace, state.matrix, private.x_aug[indices],
-                              y, flags, kernel)
+                              y, flags, kernel, base)
 
 
 def _refreshed(subspace, public: PublicData, e_public, refresh):

@@ -91,7 +91,7 @@ def all_example_norms(state, cache: Optional[linear_step.DualCache],
   else:
     contributions = linear_step.matrix_contributions(
         subspace, state.matrix, private.x_aug, private.y, _CLOSED_FORM,
-        private.kernel)
+        private.kernel, private.base_logits)
   return contributions.norms()
 
 

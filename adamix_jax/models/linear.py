@@ -38,9 +38,15 @@ def logits(params: Params, x: jax.Array) -> jax.Array:
   return x @ params["kernel"] + params["bias"]
 
 
-def residuals(matrix: jax.Array, x_aug: jax.Array, y: jax.Array) -> jax.Array:
-  """E = softmax(x~ W~) - onehot(y): the per-example gradient's class factor."""
-  return jax.nn.softmax(x_aug @ matrix) - jax.nn.one_hot(y, matrix.shape[1])
+def residuals(matrix: jax.Array, x_aug: jax.Array, y: jax.Array,
+              base_logits: jax.Array | None = None) -> jax.Array:
+  """E = softmax(b + x~ W~) - onehot(y): the per-example gradient's class
+  factor; ``base_logits`` b (fixed logits of a frozen start, e.g. the public
+  model's) default to 0."""
+  logits = x_aug @ matrix
+  if base_logits is not None:
+    logits = logits + base_logits
+  return jax.nn.softmax(logits) - jax.nn.one_hot(y, matrix.shape[1])
 
 
 def error_rate(params: Params, x: np.ndarray, y: np.ndarray) -> float:

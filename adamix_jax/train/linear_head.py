@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -65,7 +66,7 @@ def initial_subspace(spec: SubspaceSpec, matrix: jax.Array,
     return subspace_lib.identity()
   if spec.kind == "features":
     return subspace_lib.from_public_features(public.x_aug, spec.rank)
-  e = linear.residuals(matrix, public.x_aug, public.y)
+  e = linear.residuals(matrix, public.x_aug, public.y, public.base_logits)
   return subspace_lib.from_public_gradients(
       public.x_aug, e, spec.rank, public_gram=public.gram,
       oversample=spec.oversample)
@@ -112,6 +113,17 @@ def choose_representation(flags: PerformanceFlags, subspace: SubspaceSpec,
   return "matrix"
 
 
+def _check_feature_map(feature_map, dim_aug: int) -> np.ndarray:
+  feature_map = np.asarray(feature_map, np.float32)
+  if feature_map.ndim != 2 or feature_map.shape[0] != dim_aug:
+    raise ValueError(f"feature_map must have shape ({dim_aug}, k) (it maps "
+                     f"the augmented features x~ = [x, 1]), got "
+                     f"{feature_map.shape}.")
+  if not np.all(np.isfinite(feature_map)):
+    raise ValueError("feature_map holds NaN or inf.")
+  return feature_map
+
+
 def _augment_host(x: np.ndarray) -> np.ndarray:
   """linear.augment on the host (placement then copies it to devices)."""
   return np.asarray(linear.augment(np.asarray(x, np.float32)), np.float32)
@@ -133,7 +145,8 @@ class LinearHeadProgram:
                average_tail: float = 0.5, lr_schedule: str = "constant",
                fallback_basis: Optional[np.ndarray] = None,
                mesh: Optional[jax.sharding.Mesh] = None,
-               individual: Optional[individual_lib.IndividualRecorder] = None):
+               individual: Optional[individual_lib.IndividualRecorder] = None,
+               feature_map: Optional[np.ndarray] = None):
     arrays = validation.check_linear_head_inputs(
         private_x, private_y, public_x, public_y, anchor_params,
         fallback_basis)
@@ -145,7 +158,7 @@ class LinearHeadProgram:
                        f"{sampling_rate}.")
     lr_scales = fit_lib.learning_rate_scales(lr_schedule, steps)
     self.placement = placement_lib.placement_for(mesh)
-    self.config, self.spec, self.flags = config, subspace, flags
+    self.config, self.spec = config, subspace
     self.noise_multiplier = float(config.noise_multiplier)
     self.sampling_rate = float(sampling_rate)
     self.num_examples = len(private_y)
@@ -161,6 +174,15 @@ class LinearHeadProgram:
           f"examples and {individual.steps} steps.")
     self.individual = individual
     num_classes = np.asarray(anchor_params["kernel"]).shape[1]
+    if feature_map is not None:
+      feature_map = _check_feature_map(feature_map, private_x.shape[1] + 1)
+      if fallback_basis is not None:
+        raise ValueError("a feature_map and a zero-shot fallback_basis cannot "
+                         "be combined (the basis lives in the original "
+                         "feature space).")
+      # The dual form caches logits of a start in the original space.
+      flags = dataclasses.replace(flags, representation="matrix")
+    self.flags = flags
     self.representation = choose_representation(
         flags, subspace, len(private_y), len(public_y), num_classes,
         one_device=mesh is None)
@@ -179,17 +201,31 @@ class LinearHeadProgram:
         # The counts are part of the state: a checkpoint with or without
         # them fits only a run of the same kind.
         "individual_levels": None if individual is None else
-        individual.levels}
+        individual.levels,
+        "feature_map": None if feature_map is None else
+        checkpoint_lib.digest(feature_map)}
 
     put = self.placement.replicate
     private_x_aug = _augment_host(private_x)
     public_x_aug = _augment_host(public_x)
     self._anchor = {k: np.asarray(v, np.float32)
                     for k, v in anchor_params.items()}
+    self._feature_map = feature_map
+    self._base_params = self._anchor
+    private_base = public_base = None
+    if feature_map is not None:
+      # W~ = W~_0 + M V: the head trains V from 0 on z = x~ M, and the
+      # public model's logits x~ W~_0 are a fixed part of every logit.
+      anchor = np.asarray(linear.stack(self._anchor), np.float32)
+      private_base = put(private_x_aug @ anchor)
+      public_base = jnp.asarray(public_x_aug @ anchor)
+      private_x_aug = private_x_aug @ feature_map
+      public_x_aug = public_x_aug @ feature_map
+      self._anchor = np.zeros((feature_map.shape[1], num_classes), np.float32)
     # The public feature Gram never changes: cached for a gradient subspace.
     self.public = put(jax.device_get(linear_step.make_public_data(
         jnp.asarray(public_x_aug), jnp.asarray(public_y, jnp.int32),
-        cache_gram=subspace.kind == "gradients")))
+        cache_gram=subspace.kind == "gradients", base_logits=public_base)))
     x_aug = put(private_x_aug)
     kernel = None
     needs_kernel = (self.representation == "dual" or (
@@ -199,7 +235,8 @@ class LinearHeadProgram:
       kernel = private_public_kernel(x_aug, self.public.x_aug)
     self.private = linear_step.PrivateData(
         x_aug=x_aug, y=put(np.asarray(private_y, np.int32)),
-        kernel=kernel if self.representation == "matrix" else None)
+        kernel=kernel if self.representation == "matrix" else None,
+        base_logits=private_base)
     self._cache = None
     if self.representation == "dual":
       self._cache = linear_step.dual_cache(self._anchor, self.public, x_aug,
@@ -270,8 +307,11 @@ class LinearHeadProgram:
       # to the step counter (record_counts checks it).
       self.individual.record_counts(np.asarray(jax.device_get(state[2])),
                                     int(jax.device_get(head.step)))
-    final = linear_step.final_matrix(head, self._cache, self.public,
-                                     self.average)
+    final = np.asarray(linear_step.final_matrix(head, self._cache, self.public,
+                                                self.average))
+    if self._feature_map is not None:  # back to x~: W~_0 + M V
+      final = (np.asarray(linear.stack(self._base_params), np.float32) +
+               self._feature_map @ final)
     return {k: np.asarray(v) for k, v in linear.unstack(final).items()}
 
 
@@ -298,6 +338,7 @@ def train_private_head(private_x: np.ndarray,
                        on_step: Optional[Callable[[int, Any], None]] = None,
                        individual: Optional[
                            individual_lib.IndividualRecorder] = None,
+                       feature_map: Optional[np.ndarray] = None,
                        ) -> dict:
   """Runs ``steps`` private steps from ``anchor_params``; returns the params.
 
@@ -333,6 +374,11 @@ def train_private_head(private_x: np.ndarray,
       checkpointed) with the state (``adamix.sensitivity``); on return it
       holds the counts of the whole run. They are derived from the private
       data: an analysis for the data owner, not a release.
+    feature_map: a PUBLIC (d+1, k) map M: the run trains V (k, c) from 0 on
+      z = x~ M, with the logits of ``anchor_params`` W~_0 as a fixed part of
+      every logit, and releases W~ = W~_0 + M V (clipping and noise act on
+      the gradient with respect to V, in the geometry M sets; see
+      ``adamix.geometry``). None: train W~ itself from ``anchor_params``.
 
   Returns:
     ``{"kernel", "bias"}`` of the final (averaged) model, as numpy arrays.
@@ -341,7 +387,8 @@ def train_private_head(private_x: np.ndarray,
       private_x, private_y, public_x, public_y, anchor_params, config,
       steps=steps, sampling_rate=sampling_rate, subspace=subspace,
       flags=flags, average_tail=average_tail, lr_schedule=lr_schedule,
-      fallback_basis=fallback_basis, mesh=mesh, individual=individual)
+      fallback_basis=fallback_basis, mesh=mesh, individual=individual,
+      feature_map=feature_map)
   return fit_lib.fit(program, steps=steps, ledger=ledger, coins=coins,
                      checkpointer=checkpointer, progress=progress,
                      on_step=on_step)
