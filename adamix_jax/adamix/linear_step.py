@@ -239,9 +239,12 @@ def _public_residuals(state, cache, public: PublicData) -> jax.Array:
 
 
 def _matrix_example_loss(matrix, example):
-  x_aug, y, base = example
-  return optax.softmax_cross_entropy_with_integer_labels(base + x_aug @ matrix,
-                                                         y)
+  """Cross-entropy of ONE example (x~, y[, base logits]) at W~."""
+  x_aug, y, *base = example
+  logits = x_aug @ matrix
+  if base:
+    logits = logits + base[0]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
 def matrix_contributions(subspace: subspace_lib.Subspace, matrix: jax.Array,
