@@ -125,7 +125,11 @@ class LinearHeadProgram:
                flags: PerformanceFlags = PerformanceFlags(),
                average_tail: float = 0.5, lr_schedule: str = "constant",
                fallback_basis: Optional[np.ndarray] = None,
-               mesh: Optional[jax.sharding.Mesh] = None):
+               mesh: Optional[jax.sharding.Mesh] = None,
+               tap: Optional[Callable[[int], Any]] = None):
+    """See ``train_private_head``; ``tap`` (privacy audits only,
+    ``audit.whitebox``): ``tap(t)`` gives the auditor's canaries of step t,
+    released by the step's own ``privatize`` call."""
     arrays = validation.check_linear_head_inputs(
         private_x, private_y, public_x, public_y, anchor_params,
         fallback_basis)
@@ -145,6 +149,7 @@ class LinearHeadProgram:
     self.pad_multiple = self.placement.pad_multiple * (
         flags.microbatch_size or 1 if flags.path == "vmap" else 1)
     self.average = average_tail > 0
+    self._tap = tap
     num_classes = np.asarray(anchor_params["kernel"]).shape[1]
     self.representation = choose_representation(
         flags, subspace, len(private_y), len(public_y), num_classes,
@@ -224,10 +229,13 @@ class LinearHeadProgram:
       refresh = self.spec
     indices, mask = self.placement.shard_batch(
         (batch.indices.astype(np.int32), batch.mask))
+    tap = None
+    if self._tap is not None:
+      tap = self.placement.replicate(self._tap(t))
     head, metrics, subspace = self._step(
         self.config.structure(), self.flags, refresh, self.numbers, head,
         subspace, self.public, self.private, indices, mask,
-        self.average_from, self.lr_schedule, self._cache)
+        self.average_from, self.lr_schedule, self._cache, tap)
     return (head, subspace), metrics
 
   def release(self, state) -> dict:
