@@ -100,6 +100,8 @@ class StepMetrics(NamedTuple):
   batch_size: jax.Array
   num_clipped: jax.Array
   num_nonfinite: jax.Array
+  # Audit runs only (``tap``): the released auditor coordinates.
+  canary_release: Optional[jax.Array] = None
 
 
 # --- the two representations ---------------------------------------------------
@@ -311,7 +313,7 @@ def private_step(structure: settings_lib.StepStructure,
                  subspace: subspace_lib.Subspace, public: PublicData,
                  private: PrivateData, indices: jax.Array, mask: jax.Array,
                  average_from: jax.Array, lr_schedule: jax.Array,
-                 cache: Optional[DualCache] = None):
+                 cache: Optional[DualCache] = None, tap=None):
   """One private step on the batch ``indices`` (padded; ``mask`` marks real).
 
   The static arguments are ``structure``, ``flags`` and ``refresh`` (the
@@ -319,7 +321,10 @@ def private_step(structure: settings_lib.StepStructure,
   None); ``cache`` selects the dual representation (None: matrix).
   ``lr_schedule``: (T,) multipliers of the run, read at ``state.step`` on
   device (so a step ships no scalar, and a resumed state reads the right
-  entry).
+  entry). ``tap``: privacy audits only (``audit.whitebox.CanaryTap``): the
+  auditor's canaries join this step's batch in the same ``privatize`` call
+  and their released coordinates come back in ``metrics.canary_release``;
+  None in every real run.
 
   Returns:
     (new state, metrics, the subspace used by this step).
@@ -340,10 +345,15 @@ def private_step(structure: settings_lib.StepStructure,
   noise_key, next_key = jax.random.split(state.key)
   contributions = _private_contributions(state, cache, subspace, private,
                                          indices, flags)
+  canary_release = None
+  if tap is not None:
+    contributions, mask = tap.attach(contributions, mask)
   noisy_mean, stats = mechanism.privatize(
       contributions, threshold, mask, noise_key,
       noise_multiplier=numbers.noise_multiplier,
       normalizer=numbers.expected_batch_size)
+  if tap is not None:
+    noisy_mean, canary_release = tap.detach(noisy_mean)
 
   private_weight, public_weight = rules.mixing_weights(numbers.public_weight,
                                                        num_public)
@@ -393,7 +403,8 @@ def private_step(structure: settings_lib.StepStructure,
         averaged_steps=averaged, key=next_key, step=state.step + 1)
   metrics = StepMetrics(threshold=threshold, batch_size=stats.num_examples,
                         num_clipped=stats.num_clipped,
-                        num_nonfinite=stats.num_nonfinite)
+                        num_nonfinite=stats.num_nonfinite,
+                        canary_release=canary_release)
   return new_state, metrics, subspace
 
 

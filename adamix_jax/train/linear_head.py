@@ -146,7 +146,11 @@ class LinearHeadProgram:
                fallback_basis: Optional[np.ndarray] = None,
                mesh: Optional[jax.sharding.Mesh] = None,
                individual: Optional[individual_lib.IndividualRecorder] = None,
-               feature_map: Optional[np.ndarray] = None):
+               feature_map: Optional[np.ndarray] = None,
+               tap: Optional[Callable[[int], Any]] = None):
+    """See ``train_private_head``; ``tap`` (privacy audits only,
+    ``audit.whitebox``): ``tap(t)`` gives the auditor's canaries of step t,
+    released by the step's own ``privatize`` call."""
     arrays = validation.check_linear_head_inputs(
         private_x, private_y, public_x, public_y, anchor_params,
         fallback_basis)
@@ -172,7 +176,11 @@ class LinearHeadProgram:
           "individual must be an empty IndividualRecorder of the private set "
           f"({len(private_y)} examples); got {individual.num_examples} "
           f"examples and {individual.steps} steps.")
+    if individual is not None and tap is not None:
+      raise ValueError("an audit tap and individual recording cannot be "
+                       "combined in one run.")
     self.individual = individual
+    self._tap = tap
     num_classes = np.asarray(anchor_params["kernel"]).shape[1]
     if feature_map is not None:
       feature_map = _check_feature_map(feature_map, private_x.shape[1] + 1)
@@ -289,10 +297,13 @@ class LinearHeadProgram:
     indices, mask = self.placement.shard_batch(
         (batch.indices.astype(np.int32), batch.mask))
     if self.individual is None:
+      tap = None
+      if self._tap is not None:
+        tap = self.placement.replicate(self._tap(t))
       head, metrics, subspace = self._step(
           self.config.structure(), self.flags, refresh, self.numbers, head,
           subspace, self.public, self.private, indices, mask,
-          self.average_from, self.lr_schedule, self._cache)
+          self.average_from, self.lr_schedule, self._cache, tap)
       return (head, subspace), metrics
     head, counts, metrics, subspace = self._step(
         self.config.structure(), self.flags, refresh, self.individual.levels,
