@@ -48,7 +48,10 @@ def get_config():
   config.non_private.learning_rate = 1e-2
   config.non_private.weight_decay = 1e-4
 
-  # Private training: one rule for dp_sgd and adamix.
+  config.methods = ("paragon", "public_only", "dp_sgd", "adamix")
+  # Private training: one rule for dp_sgd and adamix (the noise-aware rules
+  # are for linear heads; a full model runs the fixed schedule).
+  config.train.schedule = "fixed"
   config.train.epochs = 20  # T = epochs / q
   config.train.sampling_rate = 0.1
   config.train.learning_rate = 1.0  # SGD step, in units of the threshold

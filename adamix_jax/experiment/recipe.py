@@ -29,6 +29,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from adamix_jax import data as data_lib
+from adamix_jax.adamix import noise_aware
 from adamix_jax.adamix import public_init as public_init_lib
 from adamix_jax.adamix import settings as settings_lib
 from adamix_jax.features import preprocess as preprocess_lib
@@ -39,9 +40,12 @@ from adamix_jax.privacy import randomness
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import fit as fit_lib
 
-METHODS = ("paragon", "public_only", "dp_sgd", "adamix")
-DP_METHODS = ("dp_sgd", "adamix")
+METHODS = ("paragon", "public_only", "dp_sgd", "pillar", "dp_prototypes",
+           "adamix")
+DP_METHODS = ("dp_sgd", "pillar", "dp_prototypes", "adamix")
 MODEL_KINDS = ("linear", "cnn")
+SCHEDULES = ("noise_aware", "fixed")
+PUBLIC_WEIGHT_RULES = ("noise_aware", "set_size", "constant")
 
 
 # --- validation of the whole config, before any work -------------------------
@@ -99,6 +103,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if train.epochs <= 0 or train.learning_rate <= 0 or train.clip_norm <= 0:
     raise ValueError("config.train.epochs, learning_rate and clip_norm must "
                      "be > 0.")
+  for field, value, allowed in (
+      ("train.schedule", train.get("schedule", "fixed"), SCHEDULES),
+      ("adamix.geometry", config.adamix.get("geometry", "none"),
+       noise_aware.GEOMETRIES),
+      ("adamix.public_weight_rule",
+       config.adamix.get("public_weight_rule", "constant"),
+       PUBLIC_WEIGHT_RULES)):
+    if value not in allowed:
+      raise ValueError(f"config.{field} must be one of {list(allowed)}, got "
+                       f"{value!r}.")
+  if model_kind(config) != "linear":
+    linear_only = [m for m in config.methods if m in ("pillar",
+                                                      "dp_prototypes")]
+    if linear_only or train.get("schedule", "fixed") != "fixed":
+      raise ValueError(
+          "a full model (config.model.kind != 'linear') runs the fixed "
+          "schedule with paragon, public_only, dp_sgd and adamix; set "
+          "config.train.schedule='fixed' and drop "
+          f"{linear_only or 'nothing'} from config.methods.")
   if config.preprocess not in preprocess_lib.MODES:
     raise ValueError(f"config.preprocess must be one of "
                      f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
@@ -187,6 +210,8 @@ class DPRun:
 
 def _dp_meta(config, method, epsilon, seed, sigma, data, resumed_from,
              extra=None) -> dict:
+  """A run's meta.json (``steps``/``sampling_rate``: the fixed schedule's;
+  a recipe that plans its own overwrites them)."""
   return {"method": method, "epsilon": float(epsilon), "seed": seed,
           "resumed_from_step": resumed_from, "noise_multiplier": sigma,
           "steps": num_steps(config),
@@ -203,6 +228,19 @@ def _run_with_checkpoints(config, checkpoint_dir, train):
       checkpoint_dir, config.train.checkpoint_every) as checkpointer:
     resumed_from = checkpointer.latest_step() if checkpointer else None
     return train(checkpointer), resumed_from
+
+
+@dataclasses.dataclass
+class RunPlan:
+  """A private linear-head run: steps, rate, step settings, inputs."""
+
+  steps: int
+  sampling_rate: float
+  step_config: settings_lib.StepConfig
+  inputs: dict  # anchor_params, public_x/public_y, subspace, fallback_basis
+  feature_map: Optional[np.ndarray] = None
+  lr_schedule: str = "constant"
+  info: dict = dataclasses.field(default_factory=dict)
 
 
 # --- the linear head -------------------------------------------------------------
@@ -283,38 +321,104 @@ class LinearHeadRecipe:
     return params, {"weight_decay": cv.weight_decay,
                     "cv_errors": cv.cv_errors}
 
-  def public_weight(self, data: SeedData) -> float:
+  # --- the plan of a private run --------------------------------------------
+
+  def rules(self) -> noise_aware.Rules:
+    return noise_aware.Rules(**self.config.rules.to_dict())
+
+  def public_weight(self, data: SeedData, sigma_1: float = 0.0,
+                    dim: Optional[int] = None) -> float:
+    """AdaMix's weight alpha of the exact public gradient
+    (``config.adamix.public_weight_rule``)."""
     adamix = self.config.adamix
-    if adamix.public_weight_by_set_size:
-      n_pub, n_priv = len(data.public_y), len(data.private_y)
+    n_pub, n_priv = len(data.public_y), len(data.private_y)
+    rule = adamix.public_weight_rule
+    if rule == "noise_aware":
+      return noise_aware.public_gradient_weight(
+          sigma_1, n_pub, n_priv, dim or data.private_x.shape[1] + 1,
+          data.num_classes, self.rules())
+    if rule == "set_size":
       return n_pub / (n_pub + n_priv)
     return float(adamix.public_weight)
 
-  def step_config(self, method: str, sigma: float,
-                  data: SeedData) -> settings_lib.StepConfig:
-    train, adamix = self.config.train, self.config.adamix
-    common = dict(noise_multiplier=sigma,
-                  expected_batch_size=train.sampling_rate * len(data.private_y),
-                  learning_rate=train.learning_rate, clip_norm=train.clip_norm,
-                  normalize_by_threshold=adamix.normalize_by_threshold)
-    if method == "dp_sgd":
-      return settings_lib.StepConfig(**common)
-    return settings_lib.StepConfig(
-        **common, adaptive_threshold=adamix.adaptive_threshold,
-        threshold_quantile=adamix.threshold_quantile,
-        public_weight=self.public_weight(data), pull=adamix.pull)
-
-  def run_inputs(self, method: str, data: SeedData) -> dict:
-    """The start, public data, subspace and fallback basis of a DP method.
-
-    DP-SGD uses no public data at all: zero start, fixed clipping norm.
-    """
+  def plan(self, method: str, epsilon: float, data: SeedData) -> RunPlan:
+    """What a DP method's run does at ``epsilon`` (public data and
+    (sigma_1, N, D, c) only; see ``adamix.noise_aware``)."""
+    config, train, adamix = self.config, self.config.train, self.config.adamix
+    n_priv, c = len(data.private_y), data.num_classes
     dim = data.private_x.shape[1]
-    zeros = linear.zeros(dim, data.num_classes)
-    if method == "dp_sgd":
-      return dict(anchor_params=zeros, public_x=data.public_x[:0],
-                  public_y=data.public_y[:0],
-                  subspace=settings_lib.SubspaceSpec(), fallback_basis=None)
+    zeros = linear.zeros(dim, c)
+    no_public = dict(public_x=data.public_x[:0], public_y=data.public_y[:0])
+    public_x_aug = np.asarray(linear.augment(np.asarray(data.public_x,
+                                                        np.float32)))
+    if train.schedule == "fixed":
+      steps = num_steps(config)
+      sigma = noise_multiplier(config, epsilon)
+      common = dict(noise_multiplier=sigma,
+                    expected_batch_size=train.sampling_rate * n_priv,
+                    learning_rate=train.learning_rate,
+                    clip_norm=train.clip_norm,
+                    normalize_by_threshold=adamix.normalize_by_threshold)
+      if method == "dp_sgd":
+        return RunPlan(steps, train.sampling_rate,
+                       settings_lib.StepConfig(**common),
+                       dict(anchor_params=zeros, **no_public),
+                       lr_schedule=train.lr_schedule)
+      if method == "adamix":
+        return RunPlan(
+            steps, train.sampling_rate, settings_lib.StepConfig(
+                **common, adaptive_threshold=adamix.adaptive_threshold,
+                threshold_quantile=adamix.threshold_quantile,
+                public_weight=self.public_weight(data), pull=adamix.pull),
+            self._adamix_inputs(data, zeros), lr_schedule=train.lr_schedule)
+      raise ValueError(f"method {method!r} needs train.schedule="
+                       "'noise_aware'.")
+    rules = self.rules()
+    sigma_1 = noise_aware.single_release_sigma(epsilon, config.delta)
+
+    def full_batch(public_z, dim_z, inputs, feature_map=None, **step):
+      steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
+                                        rules)
+      sigma = accounting.calibrate_noise_multiplier(
+          float(epsilon), float(config.delta), 1.0, steps)
+      step_config = settings_lib.StepConfig(
+          noise_multiplier=sigma, expected_batch_size=float(n_priv),
+          learning_rate=eta, clip_norm=rules.clip_norm,
+          normalize_by_threshold=False, **step)
+      return RunPlan(steps, 1.0, step_config, inputs, feature_map=feature_map,
+                     info={"sigma_1": sigma_1, "learning_rate": eta,
+                           "dim": dim_z})
+
+    if method == "dp_sgd":  # the same rules, no public examples in training
+      return full_batch(public_x_aug, dim + 1,
+                        dict(anchor_params=zeros, **no_public))
+    if method == "pillar":
+      geometry = noise_aware.principal_components(public_x_aug, sigma_1,
+                                                  n_priv, c, rules)
+      plan = full_batch(public_x_aug @ geometry.feature_map, geometry.dim,
+                        dict(anchor_params=zeros, **no_public),
+                        feature_map=geometry.feature_map)
+      plan.info["geometry"] = geometry.kind
+      return plan
+    if method != "adamix":
+      raise ValueError(f"no private run plan for method {method!r}.")
+    inputs = self._adamix_inputs(data, zeros)
+    feature_map, public_z, dim_z, kind = None, public_x_aug, dim + 1, "none"
+    if adamix.geometry == "whitened" and len(data.public_y) >= 2:
+      geometry = noise_aware.public_geometry(public_x_aug, sigma_1, n_priv,
+                                             c, rules)
+      feature_map, kind = geometry.feature_map, geometry.kind
+      public_z, dim_z = public_x_aug @ feature_map, geometry.dim
+    plan = full_batch(
+        public_z, dim_z, inputs, feature_map=feature_map,
+        adaptive_threshold=adamix.adaptive_threshold,
+        threshold_quantile=adamix.threshold_quantile,
+        public_weight=self.public_weight(data, sigma_1, dim_z),
+        pull=adamix.pull)
+    plan.info["geometry"] = kind
+    return plan
+
+  def _adamix_inputs(self, data: SeedData, zeros: dict) -> dict:
     adamix = self.config.adamix
     return dict(
         anchor_params=data.public_params if adamix.public_init else zeros,
@@ -333,38 +437,59 @@ class LinearHeadRecipe:
                ledger: Optional[accounting.PrivacyLedger] = None,
                coins: Optional[randomness.MechanismCoins] = None,
                progress: Optional[fit_lib.Progress] = None,
-               step_config: Optional[settings_lib.StepConfig] = None) -> DPRun:
+               plan: Optional[RunPlan] = None) -> DPRun:
     """One (method, epsilon, seed) private run of the linear head.
 
     The sampler and the noise use fresh secret coins (``seed`` only picks
     the split and the public start) unless ``coins`` are given or
     ``config.insecure_reproducible_noise``. With a ``checkpoint_dir`` the
     run checkpoints every ``train.checkpoint_every`` steps and resumes.
+    ``plan`` overrides ``self.plan(method, epsilon, data)`` (the audit).
     """
-    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
-    config, train = self.config, self.config.train
+    config = self.config
     check_delta(config, len(data.private_y))
-    sigma = noise_multiplier(config, epsilon)
     ledger = ledger or accounting.PrivacyLedger(float(config.delta),
                                                 float(epsilon))
-    step_config = step_config or self.step_config(method, sigma, data)
     if coins is None and insecure_noise(config):
       coins = randomness.MechanismCoins.insecure_from_seed(seed)
+    if method == "dp_prototypes":
+      return self._prototypes(epsilon, seed, data, ledger, coins)
+    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
+    plan = plan or self.plan(method, epsilon, data)
     levels = individual_levels(config)
     recorder = None if levels is None else individual_lib.IndividualRecorder(
         len(data.private_y), levels)
     params, resumed_from = _run_with_checkpoints(
         config, checkpoint_dir, lambda checkpointer:
         linear_head.train_private_head(
-            data.private_x, data.private_y, config=step_config,
-            steps=num_steps(config), sampling_rate=train.sampling_rate,
+            data.private_x, data.private_y, config=plan.step_config,
+            steps=plan.steps, sampling_rate=plan.sampling_rate,
             ledger=ledger, coins=coins, flags=self.flags(),
-            average_tail=train.average_tail, lr_schedule=train.lr_schedule,
-            mesh=mesh, checkpointer=checkpointer, progress=progress,
-            individual=recorder, **self.run_inputs(method, data)))
-    return DPRun(params, ledger, _dp_meta(
-        config, method, epsilon, seed, sigma, data, resumed_from,
-        {"public_weight": step_config.public_weight}), individual=recorder)
+            average_tail=config.train.average_tail,
+            lr_schedule=plan.lr_schedule, mesh=mesh,
+            checkpointer=checkpointer, progress=progress, individual=recorder,
+            feature_map=plan.feature_map, **plan.inputs))
+    meta = _dp_meta(config, method, epsilon, seed,
+                    plan.step_config.noise_multiplier, data, resumed_from,
+                    {"public_weight": plan.step_config.public_weight,
+                     "clip_norm": plan.step_config.clip_norm, **plan.info})
+    meta.update(steps=plan.steps, sampling_rate=plan.sampling_rate)
+    return DPRun(params, ledger, meta, individual=recorder)
+
+  def _prototypes(self, epsilon, seed, data, ledger, coins) -> DPRun:
+    """DP class prototypes: one Gaussian release of the private class sums
+    (through the one mechanism), the public class sums added, nearest class
+    mean."""
+    from adamix_jax.train import prototypes  # pylint: disable=g-import-not-at-top
+    sigma_1 = noise_aware.single_release_sigma(epsilon, self.config.delta)
+    params = prototypes.train_prototypes(
+        data.private_x, data.private_y, data.public_x, data.public_y,
+        data.num_classes, noise_multiplier=sigma_1, ledger=ledger,
+        coins=coins)
+    meta = _dp_meta(self.config, "dp_prototypes", epsilon, seed, sigma_1,
+                    data, None, {"clip_norm": prototypes.CLIP_NORM})
+    meta.update(steps=1, sampling_rate=1.0)
+    return DPRun(params, ledger, meta)
 
   def test_error(self, params: dict, data: SeedData) -> float:
     return linear.error_rate(params, data.test_x, data.test_y)

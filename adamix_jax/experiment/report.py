@@ -22,7 +22,8 @@ import numpy as np
 from adamix_jax.privacy import randomness
 
 COLUMNS = (("paragon", "Paragon"), ("public_only", "Public-only"),
-           ("dp_sgd", "DP-SGD"), ("adamix", "AdaMix"))
+           ("dp_sgd", "DP-SGD"), ("pillar", "PILLAR"),
+           ("dp_prototypes", "DP prototypes"), ("adamix", "AdaMix"))
 REFERENCE_METHODS = ("paragon", "public_only")
 # Not part of the experiment (the workdir does not save it either).
 UNSHOWN_FIELDS = ("progress",)

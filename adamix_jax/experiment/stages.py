@@ -28,6 +28,7 @@ from adamix_jax import configs as configs_lib
 from adamix_jax import data as data_lib
 from adamix_jax import io
 from adamix_jax.data import fingerprint as fingerprint_lib
+from adamix_jax.adamix import noise_aware
 from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.experiment import report as report_lib
 from adamix_jax.experiment import workdir as workdir_lib
@@ -238,16 +239,18 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     return
   recipe = recipe_lib.make_recipe(config)
   features = load_features(workdir)
-  # Sigma depends on (epsilon, delta, q, T) only: calibrated once per
-  # epsilon here (cached for the runs), each with its own line, as the PLD
-  # accountant takes seconds.
+  # sigma_1 depends on (epsilon, delta) only; every run's own sigma is
+  # calibrated from it with its planned T (cached for the seeds): one line
+  # per epsilon here, as the PLD accountant takes seconds.
   for epsilon in sorted({e for m, e, _ in jobs if m in DP_METHODS}):
     start = time.time()
-    _say(config, f"  sigma for eps={epsilon:g}, delta={config.delta:g}, "
-         f"q={config.train.sampling_rate:g}, T={recipe_lib.num_steps(config)}"
-         " (PLD calibration) ...", end="")
-    sigma = recipe_lib.noise_multiplier(config, epsilon)
-    _say(config, f" {sigma:.3f}, {time.time() - start:.1f}s")
+    _say(config, f"  calibrating the noise for eps={epsilon:g}, "
+         f"delta={config.delta:g} (PLD) ...", end="")
+    if config.train.get("schedule", "fixed") == "fixed":
+      sigma = recipe_lib.noise_multiplier(config, epsilon)
+    else:
+      sigma = noise_aware.single_release_sigma(epsilon, config.delta)
+    _say(config, f" sigma_1={sigma:.3f}, {time.time() - start:.1f}s")
   seeds: dict[int, recipe_lib.SeedData] = {}
   for method, epsilon, seed in jobs:
     if seed not in seeds:
