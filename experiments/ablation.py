@@ -7,12 +7,15 @@ r"""AdaMix with each component switched off (or an optional one on), side by sid
 
 Every variant is the dataset config plus a few overrides, run through the
 same stages as the main job in its own sub-workdir (so variants resume
-independently); the baseline variant also runs the paragon, public-only and
-DP-SGD references. ``--main_workdir`` names a finished ``adamix-train`` run
+independently); the baseline variant also runs the paragon, public-only,
+DP-SGD, PILLAR and DP-prototype references. ``--main_workdir`` names a finished ``adamix-train`` run
 of the SAME config (checked against its config.json): its references and
 its AdaMix row are read from its results.json instead of being recomputed
 (the paragon's cross-validation takes minutes on the larger datasets).
-Writes WORKDIR/ablation.md and ablation.json.
+A last row runs AdaMix's optimiser with the noise switched off (method
+``zero_noise``: same clipping, geometry and rules at sigma = 0; not
+private): how close the optimiser itself gets to the paragon. Writes
+WORKDIR/ablation.md and ablation.json.
 """
 
 from __future__ import annotations
@@ -38,31 +41,43 @@ _MAIN_WORKDIR = flags.DEFINE_string(
     "main_workdir", None, "A finished adamix-train workdir of the same "
     "config: its references and AdaMix results are reused.")
 
-# name -> (overrides of config.adamix, what it tests)
+# name -> (config overrides, what it tests). The default is AdaMix-W (the
+# noise-aware rules, adamix/noise_aware.py); each row switches one of its
+# components off, or swaps in the wave-1 (paper-style) choice.
 VARIANTS = {
     "adamix (defaults)": ({}, "the configured AdaMix"),
-    "no public init": ({"public_init": False}, "start from zero, not w_0"),
-    "fixed threshold": ({"adaptive_threshold": False},
-                        "C = train.clip_norm instead of public quantile"),
-    "max-norm threshold": ({"threshold_quantile": 1.0},
-                           "C_t = max public norm instead of the median"),
-    "no lr/C_t normalisation": ({"normalize_by_threshold": False},
-                                "step lr instead of lr / C_t"),
-    "+ gradient subspace k=20": ({"subspace": "gradients", "subspace_rank": 20},
-                                 "project on top-20 public-gradient directions"),
-    "+ feature subspace k=20": ({"subspace": "features", "subspace_rank": 20},
-                                "project the feature factor on 20 public PCs"),
-    "no public-gradient mixing": ({"public_weight_by_set_size": False},
+    "no public init": ({"adamix.public_init": False},
+                       "start from zero, not w_0"),
+    "no whitened geometry": ({"adamix.geometry": "none"},
+                             "train W~ in x~, not V in the public geometry"),
+    "set-size public weight": ({"adamix.public_weight_rule": "set_size"},
+                               "alpha = n / (n + N) (the paper's)"),
+    "no public-gradient mixing": ({"adamix.public_weight_rule": "constant",
+                                   "adamix.public_weight": 0.0},
                                   "private gradient only (alpha = 0)"),
-    "+ pull to w_0 (0.01)": ({"pull": 0.01}, "lambda (w - w_0) towards w_0"),
+    "last iterate": ({"train.average_tail": 0.0},
+                     "release the last iterate, not the tail average"),
+    "+ pull to w_0 (0.01)": ({"adamix.pull": 0.01},
+                             "lambda (w - w_0) towards w_0"),
+    "wave-1 AdaMix (fixed schedule)": (
+        {"train.schedule": "fixed", "adamix.adaptive_threshold": True,
+         "adamix.normalize_by_threshold": True,
+         "adamix.public_weight_rule": "set_size"},
+        "Poisson q = 0.1, 50 epochs, public-median C_t, lr / C_t"),
 }
+REFERENCES = (("DP-SGD (reference)", "dp_sgd"), ("PILLAR (reference)", "pillar"),
+              ("DP prototypes (reference)", "dp_prototypes"))
 
 
 def variant_config(base, overrides: dict, with_references: bool):
   config = copy.deepcopy(base)
   with config.unlocked():
     for key, value in overrides.items():
-      config.adamix[key] = value
+      *parents, leaf = key.split(".")
+      target = config
+      for parent in parents:
+        target = target[parent]
+      target[leaf] = value
     if not with_references:
       config.methods = ("adamix",)
   return config
@@ -125,13 +140,23 @@ def main(argv):
     rows.append({"variant": name, "meaning": meaning, "overrides": overrides,
                  "adamix_error": {str(eps): means[("adamix", float(eps))][0]
                                   for eps in base.epsilons}})
+  if ("zero_noise", None) not in references:
+    # The convergence diagnostic: AdaMix's optimiser, same rules, no noise.
+    print("== zero noise: AdaMix's optimiser without noise (not private)",
+          flush=True)
+    config = variant_config(base, {}, with_references=False)
+    with config.unlocked():
+      config.methods = ("zero_noise",)
+    references.update(report.mean_errors(stages.run(
+        config, os.path.join(_WORKDIR.value, "zero_noise"), command=command,
+        plot=False)))
   paragon = references.get(("paragon", None), (np.nan,))[0]
   lines = [f"# AdaMix ablation: {base.dataset}", "", f"- command: `{command}`",
            f"- seeds: {list(base.seeds)}; test error % (mean over seeds), "
            "increase vs paragon in brackets", "",
            "| variant | " + " | ".join(f"eps={e:g}" for e in base.epsilons) +
            " |", "|---|" + "---|" * len(base.epsilons)]
-  for name, key in (("DP-SGD (reference)", "dp_sgd"),):
+  for name, key in REFERENCES:
     if (key, float(base.epsilons[0])) in references:
       lines.append(f"| {name} | " + " | ".join(
           f"{100 * references[(key, float(e))][0]:.2f} "
@@ -142,6 +167,11 @@ def main(argv):
         f"{100 * row['adamix_error'][str(e)]:.2f} "
         f"({report.error_increase(row['adamix_error'][str(e)], paragon):+.0f}%)"
         for e in base.epsilons) + " |")
+  zero = references[("zero_noise", None)][0]
+  lines.append(f"| AdaMix, zero noise (diagnostic, not private) | " +
+               " | ".join(f"{100 * zero:.2f} "
+                          f"({report.error_increase(zero, paragon):+.0f}%)"
+                          for _ in base.epsilons) + " |")
   if ("public_only", None) in references:
     lines.append("")
     lines.append(f"Paragon {100 * paragon:.2f}%, public-only "
@@ -149,7 +179,11 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   print(text)
   io.save_text(os.path.join(_WORKDIR.value, "ablation.md"), text)
-  io.save_json(os.path.join(_WORKDIR.value, "ablation.json"), rows)
+  io.save_json(os.path.join(_WORKDIR.value, "ablation.json"),
+               rows + [{"variant": "zero noise", "meaning": "AdaMix's "
+                        "optimiser without noise (not private)",
+                        "overrides": {}, "adamix_error": {
+                            str(e): zero for e in base.epsilons}}])
 
 
 def run() -> None:

@@ -509,10 +509,12 @@ def test_noise_std_is_sigma_times_threshold():
 # --- DP-SGD baseline: no public data -----------------------------------------
 
 
-def _small_config() -> ml_collections.ConfigDict:
+def _small_config(schedule: str = "fixed") -> ml_collections.ConfigDict:
   config = base.get_config()
+  config.train.schedule = schedule
   config.train.epochs = 2
   config.train.sampling_rate = 1.0  # T = 2 full-batch steps: cheap to account
+  config.rules.min_steps = config.rules.max_steps = 2  # the same T
   config.progress = False
   # The runs below are compared with each other: the same coins for each.
   config.insecure_reproducible_noise = True
@@ -537,16 +539,41 @@ def _seed_data(public_seed: int, num_public: int) -> recipe_lib.SeedData:
       zero_shot=False)
 
 
-def test_dp_sgd_uses_no_public_data():
-  config = _small_config()
-  # Different public features, labels, set sizes and public models.
-  data = {"a": _seed_data(41, 9), "b": _seed_data(42, 15),
-          "c": _seed_data(43, 9)}
+def _same_second_moment(data: recipe_lib.SeedData, seed: int):
+  """The public features permuted, with other labels and another public
+  model: every public statistic the noise-aware rules read is unchanged."""
+  rng = _rng(seed)
+  order = rng.permutation(len(data.public_y))
+  return dataclasses.replace(
+      data, public_x=data.public_x[order],
+      public_y=rng.integers(0, data.num_classes, len(data.public_y)),
+      public_params={k: v + rng.normal(size=v.shape).astype(np.float32)
+                     for k, v in data.public_params.items()})
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "noise_aware"])
+def test_dp_sgd_uses_no_public_data(schedule):
+  config = _small_config(schedule)
+  recipe = recipe_lib.make_recipe(config)
+  a = _seed_data(41, 9)
+  if schedule == "fixed":
+    # Different public features, labels, set sizes and public models.
+    b = _seed_data(42, 15)
+  else:
+    # The noise-aware step size reads the public second moment (a rule,
+    # like the fixed one's constant); nothing else of the public data may
+    # reach DP-SGD: not its labels, not w_0, not the examples themselves.
+    b = _same_second_moment(a, 7)
+    plan = recipe.plan("dp_sgd", 2.0, a)
+    assert len(plan.inputs["public_x"]) == len(plan.inputs["public_y"]) == 0
+    assert plan.step_config.public_weight == 0.0
+    for leaf in plan.inputs["anchor_params"].values():
+      assert not np.any(leaf)  # zero start, not w_0
+  data = {"a": a, "b": b, "c": _seed_data(43, 9)}
   params = {}
   for method, names in (("dp_sgd", "ab"), ("adamix", "ac")):
     for name in names:
-      run = recipe_lib.make_recipe(config).train_dp(method, 2.0, 0,
-                                                    data[name])
+      run = recipe.train_dp(method, 2.0, 0, data[name])
       params[method, name] = run.params
       assert run.ledger.total_steps == run.meta["steps"] == 2
   for leaf in ("kernel", "bias"):

@@ -164,13 +164,21 @@ def digits(tmp_path_factory):
 
 def test_audit_step_constants_do_not_depend_on_included_canaries(digits):
   config, data = digits
-  cfg = audit_run.audit_step_config(config, 2.0, data, num_canaries=200)
-  q = config.train.sampling_rate
-  assert cfg.expected_batch_size == pytest.approx(q * (len(data.private_y) +
-                                                       100))
-  assert cfg.public_weight == pytest.approx(
-      recipe_lib.make_recipe(config).public_weight(data))
-  assert cfg.noise_multiplier == 2.0 and cfg.adaptive_threshold
+  plan = audit_run.audit_plan(config, data, 2.0, num_canaries=200)
+  # The normaliser is the expected training set size, fixed in advance.
+  assert plan.step_config.expected_batch_size == pytest.approx(
+      plan.sampling_rate * (len(data.private_y) + 100))
+  # Every other constant is the plan of the real private set: T, eta, the
+  # geometry, alpha and sigma come from public data and N, not from the
+  # canaries a run includes.
+  real = recipe_lib.make_recipe(config).plan("adamix", 2.0, data)
+  assert plan.steps == real.steps and plan.sampling_rate == real.sampling_rate
+  assert dataclasses.replace(
+      plan.step_config,
+      expected_batch_size=real.step_config.expected_batch_size
+  ) == real.step_config
+  np.testing.assert_array_equal(plan.feature_map, real.feature_map)
+  assert 0 < plan.step_config.public_weight < 1
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])

@@ -242,8 +242,9 @@ def digits(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("audit_power_digits"))
   blackbox.prepare(config, workdir)
   data = stages.load_seed(config, stages.Workdir(workdir), 0)
-  # T = 100 (the features and public start do not depend on it).
-  config.train.epochs = 10
+  # The default (noise-aware, full-batch) AdaMix run with T capped at 100
+  # (the features and public start do not depend on it).
+  config.rules.max_steps = 100
   return config, data
 
 
@@ -271,8 +272,7 @@ def test_audit_power_run_is_the_recipe_run(digits, audited):
   run, _ = audited(1.0, "correct")
   reference = recipe_lib.make_recipe(config).train_dp(
       "adamix", 1.0, 0, data,
-      coins=randomness.MechanismCoins.insecure_from_seed(AUDIT.train_seed),
-      step_config=run.step_config)
+      coins=randomness.MechanismCoins.insecure_from_seed(AUDIT.train_seed))
   np.testing.assert_allclose(linear.stack(run.params),
                              linear.stack(reference.params), rtol=1e-5,
                              atol=1e-6)
@@ -282,8 +282,9 @@ def test_audit_power_run_is_the_recipe_run(digits, audited):
 def test_audit_power_digits_correct_stays_below_epsilon(audited):
   run, result = audited(1.0, "correct")
   print(result)
+  assert run.sampling_rate == 1.0 and len(run.thresholds) == 100
   assert run.step_config.noise_multiplier == pytest.approx(
-      accounting.calibrate_noise_multiplier(1.0, DELTA, 0.1, 100))
+      accounting.calibrate_noise_multiplier(1.0, DELTA, 1.0, 100))
   assert result.epsilon_as_run <= 1.0
   assert 0.2 < result.lower_bound <= 1.0  # sound, and not vacuous
   assert result.consistent

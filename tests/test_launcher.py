@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from adamix_jax.privacy import accounting
-from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import report
 from adamix_jax.experiment import stages
 from adamix_jax.experiment import workdir as workdir_lib
 from adamix_jax.configs import digits
@@ -37,11 +37,11 @@ def _small_config(**overrides):
   config = digits.get_config()
   config.seeds = (0,)
   config.epsilons = EPSILONS
-  config.train.epochs = 3
-  # Full batch (noisy GD, T = 3): one padded shape to compile per run and a
-  # cheap calibration. The default Poisson rate (q = 0.1) runs end to end in
-  # test_launcher_cli_runs.
-  config.train.sampling_rate = 1.0
+  # The noise-aware rules (the default) with T capped at 12: full-batch
+  # noisy GD, one shape to compile per run and a cheap calibration. The
+  # fixed Poisson schedule runs end to end in test_launcher_cli_runs.
+  config.rules.min_steps = 4
+  config.rules.max_steps = 12
   config.cv_folds = 2
   config.progress = False
   for name, value in overrides.items():
@@ -88,7 +88,7 @@ def test_launcher_end_to_end_digits_small(digits_run):
   expected = {("paragon", None, 0), ("public_only", None, 0)}
   expected |= {(m, eps, 0) for m in stages.DP_METHODS for eps in EPSILONS}
   assert sorted(map(_key, saved), key=str) == sorted(expected, key=str)
-  steps = recipe_lib.num_steps(config)
+  steps = {}  # (method, epsilon) -> T, as the rules planned it
   for record in saved:
     keys = set(record)
     assert RESULT_KEYS <= keys, (record, RESULT_KEYS - keys)
@@ -102,8 +102,13 @@ def test_launcher_end_to_end_digits_small(digits_run):
       assert record["delta"] == config.delta
       assert 0 < record["epsilon_spent"] <= record["epsilon"], record
       assert record["noise_multiplier"] > 0
-      assert record["steps"] == steps
-      assert record["sampling_rate"] == config.train.sampling_rate
+      if record["method"] == "dp_prototypes":  # one release
+        assert record["steps"] == 1
+      else:
+        assert (config.rules.min_steps <= record["steps"]
+                <= config.rules.max_steps), record
+      steps[record["method"], record["epsilon"]] = record["steps"]
+      assert record["sampling_rate"] == 1.0  # full batch
     else:
       for key in ("epsilon", "delta", "epsilon_spent", "noise_multiplier",
                   "steps", "sampling_rate"):
@@ -123,19 +128,20 @@ def test_launcher_end_to_end_digits_small(digits_run):
   # The privacy of each run: epsilon spent, sigma, steps, q, set sizes.
   assert ("| method | epsilon | seed | epsilon spent | epsilon spent (RDP) "
           "| sigma | steps | q | private examples | public examples |") in table
+  titles = dict(report.COLUMNS)
   for record in saved:
     if record["method"] in stages.DP_METHODS:
       assert record["private_examples"] > 1000
       assert record["public_examples"] == 10 * config.public_per_class
-      row = (f"| {'AdaMix' if record['method'] == 'adamix' else 'DP-SGD'} | "
+      row = (f"| {titles[record['method']]} | "
              f"{record['epsilon']:g} | 0 | {record['epsilon_spent']:.3f} | "
              f"{record['epsilon_spent_rdp']:.3f} | "
-             f"{record['noise_multiplier']:.3f} | {steps} | 1 | "
+             f"{record['noise_multiplier']:.3f} | {record['steps']} | 1 | "
              f"{record['private_examples']} | {record['public_examples']} |")
       assert row in table, (row, table)
   # The header: the data and the fields that differ from base.py (short);
   # the whole config at the end.
-  assert "train.epochs=3" in table and "cv_folds=2" in table
+  assert "rules.max_steps=12" in table and "cv_folds=2" in table
   assert "train.learning_rate" not in table.split("## Test error")[0]
   assert '"learning_rate": 2.0' in table
   # The main job draws the privacy-utility plot.
@@ -146,11 +152,12 @@ def test_launcher_end_to_end_digits_small(digits_run):
     spent = json.load(f)
   assert len(spent) == len(stages.DP_METHODS) * len(EPSILONS)
   for entry in spent:
-    assert entry["within_budget"] and entry["steps"] == steps
+    assert entry["within_budget"]
+    assert entry["steps"] == steps[entry["method"], entry["epsilon"]]
     ledger = accounting.PrivacyLedger.load(os.path.join(
         stages.Workdir(workdir).run_dir(entry["method"], entry["seed"],
                                         entry["epsilon"]), "ledger.json"))
-    assert ledger.total_steps == steps
+    assert ledger.total_steps == entry["steps"]
     assert ledger.target_epsilon == entry["epsilon"]
   assert os.path.exists(os.path.join(workdir, "config.json"))
 
@@ -195,6 +202,8 @@ def test_launcher_refuses_different_config_in_same_workdir(digits_run):
     stages.run(_small_config(cv_folds=3), workdir)
   with pytest.raises(workdir_lib.ConfigMismatchError, match="train"):
     stages.run(_small_config(**{"train.epochs": 4}), workdir)
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="rules"):
+    stages.run(_small_config(**{"rules.kappa": 10.0}), workdir)
   assert _snapshot(workdir) == before  # nothing in the workdir was changed
 
 
@@ -235,8 +244,10 @@ def test_launcher_cli_runs(tmp_path):
   # scalar: --config.seeds=0 gives (0,), --config.epsilons=1 gives (1,).
   command = [sys.executable, "-m", "adamix_jax.launch.main", "--workdir",
              str(workdir), "--config", "digits", "--config.seeds=0",
-             "--config.epsilons=1", "--config.train.epochs=2",
-             "--config.cv_folds=2", "--config.progress=False"]
+             "--config.epsilons=1", "--config.train.schedule=fixed",
+             "--config.methods=('paragon','public_only','dp_sgd','adamix')",
+             "--config.train.epochs=2", "--config.cv_folds=2",
+             "--config.progress=False"]
   result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]

@@ -29,14 +29,15 @@ from adamix_jax import io
 from adamix_jax.experiment import stages
 from adamix_jax.configs import digits
 
-DP_METHODS = ("dp_sgd", "adamix")
+DP_METHODS = ("dp_sgd", "pillar", "dp_prototypes", "adamix")
 
 
 def _config(**overrides):
   config = digits.get_config()
   config.update_from_flattened_dict({
       "epsilons": (1.0, 8.0), "seeds": (0,), "progress": False,
-      "train.epochs": 3, "train.checkpoint_every": 7, **overrides})
+      "rules.min_steps": 4, "rules.max_steps": 12,
+      "train.checkpoint_every": 7, **overrides})
   return config
 
 
@@ -91,9 +92,11 @@ def test_secret_randomness_two_runs_release_different_dp_models(tmp_path,
   config = _config()
   first, second = str(tmp_path / "a"), str(tmp_path / "b")
   records = [stages.run(config, w) for w in (first, second)]
-  # Every DP run of one workdir drew its own coins: 2 methods x 2 epsilons.
-  assert len(drawn_coins) == 2 * 4
-  assert len({c.entropy for c in drawn_coins}) == 8
+  # Every DP run of each workdir drew its own coins: 2 workdirs x 4 methods
+  # x 2 epsilons.
+  assert set(DP_METHODS) == set(config.methods) & set(stages.DP_METHODS)
+  assert len(drawn_coins) == 2 * 4 * 2
+  assert len({c.entropy for c in drawn_coins}) == 16
   for method in DP_METHODS:
     for eps in config.epsilons:
       a, b = (_params(w, method, eps)["kernel"] for w in (first, second))

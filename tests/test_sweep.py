@@ -29,7 +29,7 @@ from adamix_jax.launch import sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["train.epochs=2", "train.sampling_rate=1.0", "private_per_class=20",
-        "delta=1e-3", "cv_folds=2"]
+        "delta=1e-3", "cv_folds=2", "rules.min_steps=4", "rules.max_steps=12"]
 
 
 def _npz_dataset(tmp_path) -> str:
@@ -59,6 +59,7 @@ def _sweep_command(root, npz_config, processes=1):
              "--configs=" + ",".join([
                  os.path.join(REPO, "adamix_jax", "configs", "digits.py"),
                  npz_config]),
+             "--methods=paragon,public_only,dp_sgd,adamix",
              "--epsilons=1,3", "--seeds=0,1", f"--processes={processes}",
              "--data_parallel"]
   return command + [f"--set={s}" for s in TINY]

@@ -10,8 +10,8 @@ canaries can certify at most ~3.3 (``bounds``).
   result = audit(config, data, epsilon=1.0)   # AuditConfig() defaults
 
 The audited run trains ONCE on the private set plus the included canaries,
-with the step ``recipe.LinearHeadRecipe.train_dp`` builds for AdaMix (same calibrated
-sigma, q, T, threshold rule, public mixing, schedule, tail averaging). Each
+with the plan ``recipe.LinearHeadRecipe.plan`` makes for AdaMix (same calibrated
+sigma, q, T, step size, geometry, public mixing, tail averaging). Each
 canary is scored from the released head against a reference (see
 ``AuditConfig.reference``) and the fixed number of guesses is turned into an
 epsilon lower bound (``bounds``). A correct mechanism gives a bound at or
@@ -143,24 +143,26 @@ def prepare(config, workdir: str) -> str:
   return workdir
 
 
-def audit_step_config(config, sigma: float, seed_data: recipe_lib.SeedData,
-                      num_canaries: int):
-  """AdaMix's StepConfig with constants that do not depend on the canaries.
+def audit_plan(config, seed_data: recipe_lib.SeedData, epsilon: float,
+               num_canaries: int) -> recipe_lib.RunPlan:
+  """AdaMix's run plan with constants that do not depend on the canaries.
 
-  ``recipe.step_config`` normalises the noisy sum by q * len(private_y) and
-  mixes the public gradient at n_pub / (n_pub + n_priv). Computed on the
-  training set, both would change with the number of included canaries, so
-  a canary would also leak through these constants. Here they are fixed in
-  advance: the normaliser at q * (n_private + m / 2), the expected training
-  set size, and the mixing weight at its value on the real private set.
+  ``LinearHeadRecipe.plan`` is computed here once, on the real private set
+  (N = len(private_y)), so that its rules (T, eta, geometry, public weight)
+  cannot depend on how many canaries are included; the normaliser of the
+  noisy sum, q * N in a plain run, is fixed at q * (N + m / 2), the
+  expected training set size. Computed on the training set, these constants
+  would change with the number of included canaries, so a canary would
+  also leak through them.
   """
-  cfg = recipe_lib.make_recipe(config).step_config("adamix", sigma, seed_data)
-  expected = config.train.sampling_rate * (len(seed_data.private_y) +
-                                           num_canaries / 2.0)
-  return dataclasses.replace(cfg, expected_batch_size=expected)
+  plan = recipe_lib.make_recipe(config).plan("adamix", epsilon, seed_data)
+  expected = plan.sampling_rate * (len(seed_data.private_y) +
+                                   num_canaries / 2.0)
+  return dataclasses.replace(plan, step_config=dataclasses.replace(
+      plan.step_config, expected_batch_size=expected))
 
 
-def _train(config, seed_data: recipe_lib.SeedData, step_config,
+def _train(config, seed_data: recipe_lib.SeedData, plan: recipe_lib.RunPlan,
            epsilon: float, mechanism: str, extra_x: np.ndarray,
            extra_y: np.ndarray, seed: int) -> np.ndarray:
   """One run of the audited mechanism on private + extra; returns W~_T."""
@@ -172,8 +174,7 @@ def _train(config, seed_data: recipe_lib.SeedData, step_config,
   run = recipe_lib.make_recipe(config).train_dp(
       "adamix", epsilon, seed, data,
       ledger=accounting.PrivacyLedger(delta, target),
-      coins=randomness.MechanismCoins.insecure_from_seed(seed),
-      step_config=step_config)
+      coins=randomness.MechanismCoins.insecure_from_seed(seed), plan=plan)
   return np.asarray(linear.stack(run.params))
 
 
@@ -193,24 +194,23 @@ def audit(config, seed_data: recipe_lib.SeedData, epsilon: float,
                      f"{mechanism!r}.")
   start = time.time()
   say = progress or (lambda line: None)
-  train = config.train
-  steps = recipe_lib.num_steps(config)
   delta = float(config.delta)
   m = audit_config.num_canaries
   recipe_lib.check_delta(config, len(seed_data.private_y) + m)
-  sigma = accounting.calibrate_noise_multiplier(
-      float(epsilon), delta, float(train.sampling_rate), steps)
-  step_config = audit_step_config(config, sigma, seed_data, m)
-  if mechanism == "no_noise":
-    step_config = dataclasses.replace(step_config, noise_multiplier=0.0)
-  elif mechanism == "half_noise":
-    step_config = dataclasses.replace(step_config, noise_multiplier=sigma / 2)
+  plan = audit_plan(config, seed_data, epsilon, m)
+  steps = plan.steps
+  sigma = plan.step_config.noise_multiplier
+  if mechanism != "correct":
+    plan = dataclasses.replace(plan, step_config=dataclasses.replace(
+        plan.step_config,
+        noise_multiplier=0.0 if mechanism == "no_noise" else sigma / 2))
+  step_config = plan.step_config
 
   canaries = canaries_lib.make_canaries(
       m, seed_data.private_x.shape[1], seed_data.num_classes,
       audit_config.canary_seed)
   included = canaries.included
-  run = lambda mask, seed: _train(config, seed_data, step_config, epsilon,
+  run = lambda mask, seed: _train(config, seed_data, plan, epsilon,
                                   mechanism, canaries.x[mask],
                                   canaries.y[mask], seed)
   tag = f"[{mechanism} eps={epsilon:g}]"
@@ -242,7 +242,7 @@ def audit(config, seed_data: recipe_lib.SeedData, epsilon: float,
       max_certifiable=bounds.max_certifiable_epsilon(
           m, counts.num_guesses, delta, audit_config.beta),
       beta=audit_config.beta, noise_multiplier=step_config.noise_multiplier,
-      steps=steps, sampling_rate=float(train.sampling_rate),
+      steps=steps, sampling_rate=float(plan.sampling_rate),
       expected_batch_size=step_config.expected_batch_size,
       public_weight=step_config.public_weight,
       num_included=int(included.sum()),

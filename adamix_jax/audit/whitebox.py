@@ -400,23 +400,23 @@ def mechanism_step_config(step_config, mechanism: str):
       step_config, noise_multiplier=step_config.noise_multiplier * factor)
 
 
-def audited_program(config, seed_data: recipe_lib.SeedData, step_config,
-                    tap: Optional[Callable[[int], CanaryTap]]):
-  """The AdaMix linear-head program ``recipe.train_dp`` runs, with a tap.
-
-  Built from the same recipe pieces as ``LinearHeadRecipe.train_dp``
-  (``test_audit_power_run_is_the_recipe_run`` holds the two equal).
-  """
+def audited_plan(config, seed_data: recipe_lib.SeedData,
+                 epsilon: float) -> recipe_lib.RunPlan:
+  """AdaMix's run plan at ``epsilon``, as ``train_dp`` runs it
+  (``LinearHeadRecipe.plan``: public data and (sigma, N, D, c) only)."""
   recipe = recipe_lib.make_recipe(config)
   if recipe.kind != "linear":
     raise ValueError("the white-box audit runs the linear-head recipe.")
-  train = config.train
-  return linear_head.LinearHeadProgram(
-      seed_data.private_x, seed_data.private_y, config=step_config,
-      steps=recipe_lib.num_steps(config), sampling_rate=train.sampling_rate,
-      flags=recipe.flags(), average_tail=train.average_tail,
-      lr_schedule=train.lr_schedule, tap=tap,
-      **recipe.run_inputs("adamix", seed_data))
+  return recipe.plan("adamix", epsilon, seed_data)
+
+
+def audited_program(config, seed_data: recipe_lib.SeedData,
+                    plan: recipe_lib.RunPlan,
+                    tap: Optional[Callable[[int], CanaryTap]]):
+  """The AdaMix linear-head program ``recipe.train_dp`` runs, with a tap
+  (the same ``LinearHeadRecipe.program``; ``test_audit_power_run_is_the_
+  recipe_run`` holds the two equal)."""
+  return recipe_lib.make_recipe(config).program(plan, seed_data, tap=tap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,14 +454,13 @@ def run_canaries(config, seed_data: recipe_lib.SeedData, epsilon: float,
   """
   start = time.time()
   say = progress or (lambda line: None)
-  steps = recipe_lib.num_steps(config)
   delta = float(config.delta)
-  q = float(config.train.sampling_rate)
-  recipe = recipe_lib.make_recipe(config)
   recipe_lib.check_delta(config, len(seed_data.private_y))
-  sigma = recipe_lib.noise_multiplier(config, epsilon)
-  step_config = mechanism_step_config(
-      recipe.step_config("adamix", sigma, seed_data), mechanism)
+  plan = audited_plan(config, seed_data, epsilon)
+  sigma = float(plan.step_config.noise_multiplier)  # calibrated to epsilon
+  plan = dataclasses.replace(plan, step_config=mechanism_step_config(
+      plan.step_config, mechanism))
+  steps, q, step_config = plan.steps, plan.sampling_rate, plan.step_config
   sigma_run = float(step_config.noise_multiplier)
   if mechanism == "no_clip" or sigma_run == 0.0:
     epsilon_as_run = math.inf  # unbounded sensitivity, or no noise
@@ -477,7 +476,7 @@ def run_canaries(config, seed_data: recipe_lib.SeedData, epsilon: float,
   schedule = CanarySchedule(included, q, canary_sampler_seed(coins),
                             audit_config.canary_norm,
                             unclipped=mechanism == "no_clip")
-  program = audited_program(config, seed_data, step_config, schedule)
+  program = audited_program(config, seed_data, plan, schedule)
   normalizer = jnp.float32(step_config.expected_batch_size)
   box = {"score": jnp.zeros((m,), jnp.float32), "thresholds": []}
 

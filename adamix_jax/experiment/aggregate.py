@@ -33,7 +33,6 @@ import numpy as np
 from adamix_jax import io
 from adamix_jax.experiment import report
 
-REFERENCE_METHODS = ("paragon", "public_only")
 CSV_FIELDS = ("dataset", "public_per_class", "method", "epsilon", "delta",
               "seed", "test_error", "epsilon_spent", "epsilon_spent_rdp",
               "noise_multiplier", "steps", "sampling_rate")

@@ -41,8 +41,12 @@ from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import fit as fit_lib
 
 METHODS = ("paragon", "public_only", "dp_sgd", "pillar", "dp_prototypes",
-           "adamix")
+           "adamix", "zero_noise")
 DP_METHODS = ("dp_sgd", "pillar", "dp_prototypes", "adamix")
+# Non-private references (epsilon None). "zero_noise": AdaMix's optimiser
+# with the noise switched off (same clipping, geometry, rules at sigma = 0):
+# a diagnostic of convergence, NOT private (the ablation reports it).
+REFERENCE_METHODS = tuple(m for m in METHODS if m not in DP_METHODS)
 MODEL_KINDS = ("linear", "cnn")
 SCHEDULES = ("noise_aware", "fixed")
 PUBLIC_WEIGHT_RULES = ("noise_aware", "set_size", "constant")
@@ -114,8 +118,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field} must be one of {list(allowed)}, got "
                        f"{value!r}.")
   if model_kind(config) != "linear":
-    linear_only = [m for m in config.methods if m in ("pillar",
-                                                      "dp_prototypes")]
+    linear_only = [m for m in config.methods
+                   if m in ("pillar", "dp_prototypes", "zero_noise")]
     if linear_only or train.get("schedule", "fixed") != "fixed":
       raise ValueError(
           "a full model (config.model.kind != 'linear') runs the fixed "
@@ -341,9 +345,11 @@ class LinearHeadRecipe:
       return n_pub / (n_pub + n_priv)
     return float(adamix.public_weight)
 
-  def plan(self, method: str, epsilon: float, data: SeedData) -> RunPlan:
+  def plan(self, method: str, epsilon: Optional[float],
+           data: SeedData) -> RunPlan:
     """What a DP method's run does at ``epsilon`` (public data and
-    (sigma_1, N, D, c) only; see ``adamix.noise_aware``)."""
+    (sigma_1, N, D, c) only; see ``adamix.noise_aware``). ``epsilon`` None:
+    the same rules at sigma = 0 (the zero-noise diagnostic; not private)."""
     config, train, adamix = self.config, self.config.train, self.config.adamix
     n_priv, c = len(data.private_y), data.num_classes
     dim = data.private_x.shape[1]
@@ -374,13 +380,15 @@ class LinearHeadRecipe:
       raise ValueError(f"method {method!r} needs train.schedule="
                        "'noise_aware'.")
     rules = self.rules()
-    sigma_1 = noise_aware.single_release_sigma(epsilon, config.delta)
+    sigma_1 = (0.0 if epsilon is None else
+               noise_aware.single_release_sigma(epsilon, config.delta))
 
     def full_batch(public_z, dim_z, inputs, feature_map=None, **step):
       steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
                                         rules)
-      sigma = accounting.calibrate_noise_multiplier(
-          float(epsilon), float(config.delta), 1.0, steps)
+      sigma = 0.0 if epsilon is None else (
+          accounting.calibrate_noise_multiplier(
+              float(epsilon), float(config.delta), 1.0, steps))
       step_config = settings_lib.StepConfig(
           noise_multiplier=sigma, expected_batch_size=float(n_priv),
           learning_rate=eta, clip_norm=rules.clip_norm,
@@ -418,6 +426,20 @@ class LinearHeadRecipe:
     plan.info["geometry"] = kind
     return plan
 
+  def zero_noise(self, data: SeedData, seed: int) -> tuple[dict, dict]:
+    """AdaMix's optimiser without noise (``plan(.., epsilon=None)``): the
+    convergence diagnostic, NOT private (its params are not a release)."""
+    del seed
+    if self.config.train.schedule != "noise_aware":
+      raise ValueError("the zero_noise diagnostic runs the noise-aware rules; "
+                       "set config.train.schedule='noise_aware'.")
+    plan = self.plan("adamix", None, data)
+    params = fit_lib.fit(self.program(plan, data), steps=plan.steps,
+                         ledger=accounting.PrivacyLedger(
+                             float(self.config.delta)))
+    return params, {"steps": plan.steps, "sampling_rate": 1.0,
+                    "noise_multiplier": 0.0, "private": False, **plan.info}
+
   def _adamix_inputs(self, data: SeedData, zeros: dict) -> dict:
     adamix = self.config.adamix
     return dict(
@@ -431,6 +453,19 @@ class LinearHeadRecipe:
 
   def flags(self) -> settings_lib.PerformanceFlags:
     return settings_lib.PerformanceFlags(path=self.config.train.path)
+
+  def program(self, plan: RunPlan, data: SeedData, *, mesh=None,
+              individual: Optional[individual_lib.IndividualRecorder] = None,
+              tap=None):
+    """The private linear-head program a plan runs on ``data``'s private
+    set (``train_dp``; the white-box audit adds its ``tap``)."""
+    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
+    return linear_head.LinearHeadProgram(
+        data.private_x, data.private_y, config=plan.step_config,
+        steps=plan.steps, sampling_rate=plan.sampling_rate,
+        flags=self.flags(), average_tail=self.config.train.average_tail,
+        lr_schedule=plan.lr_schedule, mesh=mesh, individual=individual,
+        feature_map=plan.feature_map, tap=tap, **plan.inputs)
 
   def train_dp(self, method: str, epsilon: float, seed: int, data: SeedData,
                *, mesh=None, checkpoint_dir: Optional[str] = None,
@@ -454,21 +489,15 @@ class LinearHeadRecipe:
       coins = randomness.MechanismCoins.insecure_from_seed(seed)
     if method == "dp_prototypes":
       return self._prototypes(epsilon, seed, data, ledger, coins)
-    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
     plan = plan or self.plan(method, epsilon, data)
     levels = individual_levels(config)
     recorder = None if levels is None else individual_lib.IndividualRecorder(
         len(data.private_y), levels)
+    program = self.program(plan, data, mesh=mesh, individual=recorder)
     params, resumed_from = _run_with_checkpoints(
-        config, checkpoint_dir, lambda checkpointer:
-        linear_head.train_private_head(
-            data.private_x, data.private_y, config=plan.step_config,
-            steps=plan.steps, sampling_rate=plan.sampling_rate,
-            ledger=ledger, coins=coins, flags=self.flags(),
-            average_tail=config.train.average_tail,
-            lr_schedule=plan.lr_schedule, mesh=mesh,
-            checkpointer=checkpointer, progress=progress, individual=recorder,
-            feature_map=plan.feature_map, **plan.inputs))
+        config, checkpoint_dir, lambda checkpointer: fit_lib.fit(
+            program, steps=plan.steps, ledger=ledger, coins=coins,
+            checkpointer=checkpointer, progress=progress))
     meta = _dp_meta(config, method, epsilon, seed,
                     plan.step_config.noise_multiplier, data, resumed_from,
                     {"public_weight": plan.step_config.public_weight,
@@ -579,6 +608,19 @@ class FullModelRecipe:
     template = self._template(data.num_classes, seed, x)
     return self._fit(data.num_classes, template, x, y), {
         "steps": self.config.non_private.steps}
+
+  def program(self, plan: RunPlan, data: SeedData, *, mesh=None,
+              individual: Optional[individual_lib.IndividualRecorder] = None,
+              tap=None):
+    """The private linear-head program a plan runs on ``data``'s private
+    set (``train_dp``; the white-box audit adds its ``tap``)."""
+    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
+    return linear_head.LinearHeadProgram(
+        data.private_x, data.private_y, config=plan.step_config,
+        steps=plan.steps, sampling_rate=plan.sampling_rate,
+        flags=self.flags(), average_tail=self.config.train.average_tail,
+        lr_schedule=plan.lr_schedule, mesh=mesh, individual=individual,
+        feature_map=plan.feature_map, tap=tap, **plan.inputs)
 
   def train_dp(self, method: str, epsilon: float, seed: int, data: SeedData,
                *, mesh=None, checkpoint_dir: Optional[str] = None,

@@ -23,8 +23,9 @@ from adamix_jax.privacy import randomness
 
 COLUMNS = (("paragon", "Paragon"), ("public_only", "Public-only"),
            ("dp_sgd", "DP-SGD"), ("pillar", "PILLAR"),
-           ("dp_prototypes", "DP prototypes"), ("adamix", "AdaMix"))
-REFERENCE_METHODS = ("paragon", "public_only")
+           ("dp_prototypes", "DP prototypes"), ("adamix", "AdaMix"),
+           ("zero_noise", "AdaMix, no noise (not private)"))
+REFERENCE_METHODS = ("paragon", "public_only", "zero_noise")
 # Not part of the experiment (the workdir does not save it either).
 UNSHOWN_FIELDS = ("progress",)
 

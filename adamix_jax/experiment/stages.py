@@ -223,8 +223,9 @@ def load_seed(config, workdir: Workdir, seed: int,
 def _private_jobs(config) -> list[tuple[str, Optional[float], int]]:
   jobs = []
   for seed in config.seeds:
-    if "paragon" in config.methods:
-      jobs.append(("paragon", None, seed))
+    for method in ("paragon", "zero_noise"):  # non-private, trained
+      if method in config.methods:
+        jobs.append((method, None, seed))
     for method in DP_METHODS:
       if method in config.methods:
         jobs.extend((method, float(eps), seed) for eps in config.epsilons)
@@ -265,6 +266,12 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
       params, meta = recipe.paragon(data, seed)
       meta = {"method": method, "seed": seed, **meta}
       _say(config, f" {time.time() - start:.1f}s")
+    elif method == "zero_noise":
+      params, meta = recipe.zero_noise(data, seed)
+      meta = {"method": method, "seed": seed, **meta}
+      _say(config, f"  zero_noise seed={seed}: AdaMix's optimiser without "
+           f"noise (a diagnostic, not private), {meta['steps']} steps, "
+           f"{time.time() - start:.1f}s")
     else:
       checkpoints = os.path.join(out, "checkpoints")
       progress = None
@@ -291,7 +298,7 @@ def run_private(config, workdir: Workdir, mesh=None) -> None:
     # params.npz last: its presence marks the run as done.
     io.save_npz(os.path.join(out, "params.npz"),
                 **recipe.params_to_arrays(params))
-    if method != "paragon":
+    if method in DP_METHODS:
       # Done: the outputs above (params, ledger, meta) are the record now;
       # the checkpoints (which hold the secret coins) go.
       shutil.rmtree(checkpoints, ignore_errors=True)

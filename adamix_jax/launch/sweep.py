@@ -4,8 +4,9 @@ r"""Runs a grid of AdaMix experiments, resumably, then aggregates the results.
       --epsilons 1,3,8 --seeds 0,1,2 --public_per_class 5,10 --processes 2
 
 Axes: dataset configs (names or files) x public_per_class x seed x epsilon; ``--methods``
-picks the methods (default all four). A point is one (config, k, seed,
-epsilon) running the private methods (dp_sgd, adamix) at that epsilon, plus
+picks the methods (default: each config's own). A point is one (config, k,
+seed, epsilon) running the private methods (dp_sgd, pillar, dp_prototypes,
+adamix) at that epsilon, plus
 one "references" point per (config, k, seed) running paragon and
 public-only, which do not depend on epsilon. Each point is a
 ``experiment.stages.run`` in its own workdir under ROOT/points (see
@@ -43,8 +44,9 @@ _CONFIGS = flags.DEFINE_list(
     "configs", ["digits"],
     "Dataset configs, one per dataset: packaged names (digits, "
     "fashion_mnist, ...) or config files.")
-_METHODS = flags.DEFINE_list("methods", list(sweep_lib.ALL_METHODS),
-                             "Methods to run.")
+_METHODS = flags.DEFINE_list(
+    "methods", None, "Methods to run (default: each config's own), from "
+    f"{', '.join(sweep_lib.ALL_METHODS)}.")
 _EPSILONS = flags.DEFINE_list("epsilons", None,
                               "Epsilons (default: each config's own).")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: each config's own).")

@@ -2,7 +2,7 @@
 ``adamix_jax.launch.sweep``, importable from tests and from worker processes).
 
 A point is one (dataset config, public_per_class, seed, epsilon) with the
-private methods the sweep asks for (``dp_sgd``, ``adamix``), or, with
+private methods the sweep asks for (e.g. ``dp_sgd``, ``adamix``), or, with
 epsilon None, the references of that (config, k, seed): ``paragon`` and
 ``public_only``, which do not depend on epsilon and so run once, not once
 per epsilon. Each point is a plain ``experiment.stages.run`` in its own workdir
@@ -31,9 +31,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import ml_collections
 
-REFERENCE_METHODS = ("paragon", "public_only")
-PRIVATE_METHODS = ("dp_sgd", "adamix")
-ALL_METHODS = REFERENCE_METHODS + PRIVATE_METHODS
+from adamix_jax.experiment import recipe as recipe_lib
+
+ALL_METHODS = recipe_lib.METHODS
+PRIVATE_METHODS = recipe_lib.DP_METHODS
+REFERENCE_METHODS = tuple(m for m in ALL_METHODS if m not in PRIVATE_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +122,20 @@ def config_label(path: str, config: ml_collections.ConfigDict) -> str:
 
 def build_points(root: str,
                  config_paths: Sequence[str],
-                 methods: Sequence[str] = ALL_METHODS,
+                 methods: Optional[Sequence[str]] = None,
                  epsilons: Optional[Sequence[float]] = None,
                  seeds: Optional[Sequence[int]] = None,
                  public_per_class: Optional[Sequence[int]] = None,
                  overrides: Sequence[tuple[str, str]] = ()) -> list[Point]:
   """The grid: configs x k x seeds x (references + epsilons).
 
-  ``epsilons``, ``seeds``, ``public_per_class``: None takes each config's
-  own values (after the overrides).
+  ``methods``, ``epsilons``, ``seeds``, ``public_per_class``: None takes
+  each config's own values (after the overrides).
   """
-  unknown = [m for m in methods if m not in ALL_METHODS]
+  unknown = [m for m in methods or () if m not in ALL_METHODS]
   if unknown:
     raise ValueError(f"Unknown method(s) {unknown}; known: "
                      f"{list(ALL_METHODS)}.")
-  references = tuple(m for m in ALL_METHODS
-                     if m in methods and m in REFERENCE_METHODS)
-  private = tuple(m for m in ALL_METHODS
-                  if m in methods and m in PRIVATE_METHODS)
   points, labels = [], {}
   for path in config_paths:
     file_path, sep, arg = path.partition(":")
@@ -145,6 +143,11 @@ def build_points(root: str,
       path = os.path.abspath(file_path) + sep + arg
     config = load_config_file(path)
     apply_overrides(config, overrides)
+    wanted = config.methods if methods is None else methods
+    references = tuple(m for m in ALL_METHODS
+                       if m in wanted and m in REFERENCE_METHODS)
+    private = tuple(m for m in ALL_METHODS
+                    if m in wanted and m in PRIVATE_METHODS)
     label = config_label(path, config)
     if labels.setdefault(label, path) != path:
       raise ValueError(f"Two configs have the label {label!r} ({path}, "

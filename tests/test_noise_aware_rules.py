@@ -1,0 +1,244 @@
+"""The noise-aware rules (adamix/noise_aware.py) and the plans built on them.
+
+Guarantees checked (docs/design.md, invariant 3: hyperparameters come from
+public data and (sigma, q, N) only; invariant 4: the accounting matches the
+run):
+
+* every plan (DP-SGD, PILLAR, AdaMix) is a function of the public examples
+  and (epsilon, delta, N, D, c): replacing every private example by another
+  one (same N) leaves T, eta, sigma, C, alpha and the feature map unchanged;
+* each plan is full batch (q = 1) with sigma calibrated so that its T steps
+  spend at most epsilon, and tightly (a plan that overspends, or wastes the
+  budget by calibrating for the wrong T, fails);
+* the geometry rule keeps the released noise norm nu(k) below theta, keeps
+  the full space when it fits, and fixes the public scale the clip norm
+  refers to;
+* the schedule shortens with the noise and stays in [min_steps, max_steps];
+  the public weight reduces to the paper's n / (n + N) at sigma = 0 and
+  trust 1, grows with the noise, and is 0 without public examples;
+* DP class prototypes release ONE Gaussian sum: bounded sensitivity sqrt(2)
+  per example (huge rows included), noise std sigma_1 sqrt(2) (caught at
+  2/3 and 3/2 of it), and a ledger of one full-batch step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from adamix_jax.adamix import noise_aware
+from adamix_jax.configs import digits
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.models import linear
+from adamix_jax.privacy import accounting
+from adamix_jax.privacy import randomness
+from adamix_jax.privacy import sampler as sampler_lib
+from adamix_jax.train import prototypes
+
+DELTA = 1e-5
+RULES = noise_aware.Rules()
+
+
+def _unit_rows(rng, n, dim):
+  x = rng.normal(size=(n, dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _seed_data(rng, num_private=900, num_public=50, dim=24, classes=5,
+               private=None):
+  """Unit-norm features (the project's preprocessing) with a class signal."""
+  means = rng.normal(size=(classes, dim))
+
+  def draw(n):
+    y = rng.integers(0, classes, size=n)
+    x = means[y] + 1.5 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+  public_x, public_y = draw(num_public)
+  private_x, private_y = private or draw(num_private)
+  test_x, test_y = draw(100)
+  head = {"kernel": rng.normal(size=(dim, classes)).astype(np.float32) * 0.1,
+          "bias": np.zeros(classes, np.float32)}
+  return recipe_lib.SeedData(public_x, public_y, private_x, private_y, test_x,
+                             test_y, classes, head, zero_shot=False)
+
+
+def _recipe():
+  config = digits.get_config()
+  config.delta = DELTA
+  return recipe_lib.make_recipe(config)
+
+
+@pytest.mark.parametrize("method", ["dp_sgd", "pillar", "adamix"])
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_noise_aware_plan_depends_on_public_data_only(method, epsilon):
+  rng = np.random.default_rng(0)
+  data = _seed_data(rng)
+  n = len(data.private_y)
+  other = dataclasses.replace(
+      data, private_x=_unit_rows(rng, n, data.private_x.shape[1]) * 0.3,
+      private_y=rng.integers(0, data.num_classes, size=n))
+  recipe = _recipe()
+  a, b = recipe.plan(method, epsilon, data), recipe.plan(method, epsilon,
+                                                         other)
+  assert a.steps == b.steps and a.sampling_rate == b.sampling_rate
+  assert a.step_config == b.step_config  # sigma, eta, C, alpha, q N
+  assert a.info == b.info
+  if a.feature_map is None:
+    assert b.feature_map is None
+  else:
+    np.testing.assert_array_equal(a.feature_map, b.feature_map)
+  # ...while the public examples do move it (the rules are not constants).
+  moved = dataclasses.replace(data, public_x=data.public_x[::-1] * 0.5 +
+                              _unit_rows(rng, len(data.public_y),
+                                         data.public_x.shape[1]) * 0.5)
+  c = recipe.plan(method, epsilon, moved)
+  assert (c.step_config != a.step_config or c.steps != a.steps)
+
+
+@pytest.mark.parametrize("method", ["dp_sgd", "pillar", "adamix"])
+@pytest.mark.parametrize("epsilon", [1.0, 3.0, 8.0])
+def test_noise_aware_plan_spends_at_most_epsilon_tightly(method, epsilon):
+  data = _seed_data(np.random.default_rng(1))
+  plan = _recipe().plan(method, epsilon, data)
+  assert plan.sampling_rate == 1.0  # full batch: the rules' regime
+  assert plan.step_config.expected_batch_size == len(data.private_y)
+  assert RULES.min_steps <= plan.steps <= RULES.max_steps
+  sigma = plan.step_config.noise_multiplier
+  spent = accounting.compute_epsilon(sigma, 1.0, plan.steps, DELTA)
+  assert spent <= epsilon * (1 + 1e-6)
+  assert spent >= 0.99 * epsilon  # not calibrated for another T
+  assert plan.step_config.clip_norm == RULES.clip_norm
+  # T full-batch Gaussian releases compose to one at sigma / sqrt(T).
+  sigma_1 = noise_aware.single_release_sigma(epsilon, DELTA)
+  assert sigma / math.sqrt(plan.steps) == pytest.approx(sigma_1, rel=0.02)
+
+
+def test_noise_aware_geometry_keeps_released_noise_norm_below_theta():
+  rng = np.random.default_rng(2)
+  public = np.asarray(linear.augment(_unit_rows(rng, 60, 40)))
+  n_priv, classes = 1000, 10
+  for sigma_1, kind in ((0.05, "full"), (3.0, "full"), (10.0, "subspace"),
+                        (20.0, "subspace")):
+    geometry = noise_aware.public_geometry(public, sigma_1, n_priv, classes,
+                                           RULES)
+    assert geometry.kind == kind, sigma_1
+    if kind == "full":
+      assert geometry.dim == public.shape[1]
+    else:
+      assert 1 <= geometry.dim <= len(public) - 1
+      nu = noise_aware.released_noise_norm(sigma_1, RULES.clip_norm,
+                                           geometry.dim, classes, n_priv)
+      # The largest k that fits (unless capped at 1).
+      assert nu <= RULES.theta or geometry.dim == 1
+      if 1 < geometry.dim < len(public) - 1:
+        assert noise_aware.released_noise_norm(
+            sigma_1, RULES.clip_norm, geometry.dim + 1, classes,
+            n_priv) > RULES.theta
+    # The scale C refers to: median public ||z|| = sqrt(2).
+    z_norms = np.linalg.norm(public @ geometry.feature_map, axis=1)
+    assert np.median(z_norms) == pytest.approx(math.sqrt(2), rel=1e-4)
+  more_noise = [noise_aware.public_geometry(public, s, n_priv, classes,
+                                            RULES).dim for s in (10.0, 20.0)]
+  assert more_noise[0] > more_noise[1]
+
+
+def test_noise_aware_schedule_shortens_with_noise_and_stays_in_range():
+  rng = np.random.default_rng(3)
+  public_z = np.asarray(linear.augment(_unit_rows(rng, 50, 20)))
+  steps = []
+  for sigma_1 in (0.5, 2.0, 8.0, 1e3):
+    t, eta = noise_aware.schedule(public_z, 21, sigma_1, 2000, 10, RULES)
+    assert RULES.min_steps <= t <= RULES.max_steps
+    steps.append(t)
+  assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
+  assert steps[-1] == RULES.min_steps  # huge noise: the floor
+  # eta = 1 / (2 L), L = lambda_max(Z^T Z / n) / 2.
+  _, eta = noise_aware.schedule(public_z, 21, 1.0, 2000, 10, RULES)
+  lam = np.linalg.eigvalsh(public_z.T @ public_z / len(public_z)).max()
+  assert eta == pytest.approx(1.0 / lam, rel=1e-5)
+  assert noise_aware.schedule(public_z, 21, 0.0, 2000, 10,
+                              RULES)[0] == RULES.max_steps
+
+
+def test_noise_aware_public_weight_limits():
+  full_trust = dataclasses.replace(RULES, public_trust=1.0)
+  assert noise_aware.public_gradient_weight(
+      0.0, 50, 950, 65, 10, full_trust) == pytest.approx(50 / 1000)
+  weights = [noise_aware.public_gradient_weight(s, 50, 950, 65, 10, RULES)
+             for s in (0.0, 1.0, 5.0, 50.0)]
+  assert weights == sorted(weights) and weights[-1] < RULES.public_trust
+  assert weights[-1] > 0.9 * RULES.public_trust
+  assert noise_aware.public_gradient_weight(5.0, 0, 950, 65, 10, RULES) == 0.0
+
+
+@pytest.mark.parametrize("field,value", [("clip_norm", 0.0), ("theta", -1.0),
+                                         ("public_trust", 1.5),
+                                         ("min_steps", 0),
+                                         ("max_steps", 5)])
+def test_noise_aware_rules_refuse_bad_constants(field, value):
+  with pytest.raises(ValueError, match=f"rules.{field.split('_')[0]}"):
+    noise_aware.Rules(**{field: value})
+
+
+# --- DP class prototypes ------------------------------------------------------
+
+
+def _released_sums(x, y, classes, sigma, entropy=1):
+  program = prototypes.PrototypesProgram(x, y, x[:0], y[:0], classes, sigma)
+  coins = randomness.MechanismCoins(entropy=entropy)
+  state = program.init(coins)
+  batch = sampler_lib.PoissonSampler(len(y), 1.0, 0).batch(0)
+  (_, sums), _ = program.step(0, state, batch)
+  return np.asarray(sums, np.float64)
+
+
+def test_dp_prototypes_sensitivity_is_bounded_by_sqrt2():
+  rng = np.random.default_rng(4)
+  x = _unit_rows(rng, 40, 8)
+  y = rng.integers(0, 3, size=40)
+  x_big = x.copy()
+  x_big[7] *= 1e6  # an adversarial row: clipped to sqrt(2) all the same
+  without = np.delete(np.arange(40), 7)
+  for rows in (x, x_big):
+    full = _released_sums(rows, y, 3, 0.0)
+    dropped = _released_sums(rows[without], y[without], 3, 0.0)
+    assert np.linalg.norm(full - dropped) <= prototypes.CLIP_NORM * (1 + 1e-5)
+  assert np.linalg.norm(_released_sums(x_big, y, 3, 0.0) - _released_sums(
+      x_big[without], y[without], 3, 0.0)) > 0.99 * prototypes.CLIP_NORM
+
+
+@pytest.mark.parametrize("factor", [1.0, 2 / 3, 1.5])
+def test_dp_prototypes_noise_std_is_sigma_times_sqrt2(factor):
+  rng = np.random.default_rng(5)
+  x = _unit_rows(rng, 30, 63)
+  y = rng.integers(0, 10, size=30)
+  sigma = 1.7
+  exact = _released_sums(x, y, 10, 0.0)
+  noise = np.concatenate([
+      (_released_sums(x, y, 10, sigma, entropy=e) - exact).ravel()
+      for e in (11, 12, 13)])  # 3 x 640 entries
+  expected = factor * sigma * prototypes.CLIP_NORM
+  ratio = noise.std() / expected
+  if factor == 1.0:
+    assert 0.95 < ratio < 1.05
+  else:
+    assert not 0.95 < ratio < 1.05
+
+
+def test_dp_prototypes_run_is_one_full_batch_release():
+  rng = np.random.default_rng(6)
+  data = _seed_data(rng)
+  recipe = _recipe()
+  run = recipe.train_dp("dp_prototypes", 3.0, 0, data)
+  assert run.ledger.entries == [accounting.LedgerEntry(
+      noise_multiplier=noise_aware.single_release_sigma(3.0, DELTA),
+      sampling_rate=1.0, steps=1)]
+  assert 0.99 * 3.0 <= run.ledger.epsilon() <= 3.0
+  assert run.meta["steps"] == 1 and run.meta["sampling_rate"] == 1.0
+  # A linear head that beats chance on the class signal.
+  error = recipe.test_error(run.params, data)
+  assert error < 0.6
