@@ -123,16 +123,14 @@ def run_analysis(config, workdir: workdir_lib.Workdir) -> dict:
     if "public_only" in config.methods:
       correct[("public_only", None)] = correct_under(
           data.public_params, data.test_x, data.test_y)
-    for method, epsilon, job_seed in stages_lib._private_jobs(config):  # pylint: disable=protected-access
-      if job_seed != seed:
-        continue
-      out = workdir.run_dir(method, seed, epsilon)
-      params = recipe.params_from_arrays(
-          workdir_lib.load_npz_output(os.path.join(out, "params.npz"),
-                                      "private"), data)
+    for method, epsilon, out, params in stages_lib.trained_runs(
+        config, workdir, recipe, seed, data):
       correct[(method, epsilon)] = correct_under(params, data.test_x,
                                                  data.test_y)
-      if method not in stages_lib.DP_METHODS:
+      if method not in stages_lib.DP_METHODS or method == "dp_prototypes":
+        # DP prototypes: one release; with the unit-norm features every
+        # x~ has norm sqrt(2), the bound (ratio 1), so each individual
+        # epsilon is the run's: nothing is recorded.
         continue
       recorder = _load_counts(os.path.join(out, stages_lib.INDIVIDUAL_COUNTS))
       if recorder is None:

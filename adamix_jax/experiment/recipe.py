@@ -609,19 +609,6 @@ class FullModelRecipe:
     return self._fit(data.num_classes, template, x, y), {
         "steps": self.config.non_private.steps}
 
-  def program(self, plan: RunPlan, data: SeedData, *, mesh=None,
-              individual: Optional[individual_lib.IndividualRecorder] = None,
-              tap=None):
-    """The private linear-head program a plan runs on ``data``'s private
-    set (``train_dp``; the white-box audit adds its ``tap``)."""
-    from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
-    return linear_head.LinearHeadProgram(
-        data.private_x, data.private_y, config=plan.step_config,
-        steps=plan.steps, sampling_rate=plan.sampling_rate,
-        flags=self.flags(), average_tail=self.config.train.average_tail,
-        lr_schedule=plan.lr_schedule, mesh=mesh, individual=individual,
-        feature_map=plan.feature_map, tap=tap, **plan.inputs)
-
   def train_dp(self, method: str, epsilon: float, seed: int, data: SeedData,
                *, mesh=None, checkpoint_dir: Optional[str] = None,
                ledger: Optional[accounting.PrivacyLedger] = None,

@@ -232,6 +232,20 @@ def _private_jobs(config) -> list[tuple[str, Optional[float], int]]:
   return jobs
 
 
+def trained_runs(config, workdir: Workdir, recipe, seed: int,
+                 data: recipe_lib.SeedData):
+  """(method, epsilon, run dir, params) of every trained run of ``seed``
+  (the paragon, the zero-noise diagnostic and the DP runs), from the
+  'private' stage's outputs."""
+  for method, epsilon, job_seed in _private_jobs(config):
+    if job_seed != seed:
+      continue
+    out = workdir.run_dir(method, seed, epsilon)
+    yield method, epsilon, out, recipe.params_from_arrays(
+        workdir_lib.load_npz_output(os.path.join(out, "params.npz"),
+                                    "private"), data)
+
+
 def run_private(config, workdir: Workdir, mesh=None) -> None:
   jobs = [j for j in _private_jobs(config)
           if not os.path.exists(os.path.join(
@@ -383,13 +397,8 @@ def run_report(config, workdir: Workdir, command: str = "",
 
     if "public_only" in config.methods:
       record("public_only", None, data.public_params)
-    for method, epsilon, job_seed in _private_jobs(config):
-      if job_seed != seed:
-        continue
-      out = workdir.run_dir(method, seed, epsilon)
-      params = recipe.params_from_arrays(
-          workdir_lib.load_npz_output(os.path.join(out, "params.npz"),
-                                      "private"), data)
+    for method, epsilon, out, params in trained_runs(config, workdir, recipe,
+                                                     seed, data):
       record(method, epsilon, params, workdir_lib.load_json_output(
           os.path.join(out, "meta.json"), "the 'private' stage"))
   io.save_json(workdir.path("results.json"), records)
