@@ -242,3 +242,21 @@ def test_dp_prototypes_run_is_one_full_batch_release():
   # A linear head that beats chance on the class signal.
   error = recipe.test_error(run.params, data)
   assert error < 0.6
+
+
+def test_zero_noise_diagnostic_is_the_same_rules_at_sigma_zero():
+  data = _seed_data(np.random.default_rng(7))
+  recipe = _recipe()
+  plan = recipe.plan("adamix", None, data)
+  assert plan.step_config.noise_multiplier == 0.0
+  assert plan.steps == RULES.max_steps and plan.info["sigma_1"] == 0.0
+  assert plan.feature_map.shape[1] == data.private_x.shape[1] + 1  # full
+  # The same clipping and public weight rule as the private runs.
+  assert plan.step_config.clip_norm == RULES.clip_norm
+  assert plan.step_config.public_weight == pytest.approx(
+      noise_aware.public_gradient_weight(
+          0.0, len(data.public_y), len(data.private_y),
+          plan.feature_map.shape[1], data.num_classes, RULES))
+  private = recipe.plan("adamix", 8.0, data)
+  assert private.step_config.noise_multiplier > 0
+  assert private.step_config.public_weight > plan.step_config.public_weight
