@@ -260,3 +260,19 @@ def test_zero_noise_diagnostic_is_the_same_rules_at_sigma_zero():
   private = recipe.plan("adamix", 8.0, data)
   assert private.step_config.noise_multiplier > 0
   assert private.step_config.public_weight > plan.step_config.public_weight
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rules.kappa", -1.0, "config.rules.kappa must be > 0"),
+    ("rules.max_steps", 5,
+     "need 1 <= config.rules.min_steps <= config.rules.max_steps, got 20, 5"),
+])
+def test_noise_aware_bad_rules_are_refused_before_any_work(tmp_path, field,
+                                                           value, message):
+  from adamix_jax.experiment import stages  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.update_from_flattened_dict({field: value})
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    stages.run(config, str(workdir))
+  assert not workdir.exists()

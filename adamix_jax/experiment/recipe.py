@@ -131,6 +131,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
   if not config.seeds:
     raise ValueError("config.seeds is empty.")
+  if config.get("rules") is not None:
+    try:  # the rules' own checks, before any work
+      noise_aware.Rules(**config.rules.to_dict())
+    except ValueError as error:
+      raise ValueError(str(error).replace("rules.", "config.rules.")
+                       ) from None
+  if "zero_noise" in config.methods and train.get(
+      "schedule", "fixed") != "noise_aware":
+    raise ValueError("method 'zero_noise' is AdaMix's optimiser under the "
+                     "noise-aware rules: set config.train.schedule="
+                     "'noise_aware' or drop it from config.methods.")
 
 
 def model_kind(config) -> str:
