@@ -84,7 +84,7 @@ def test_real_data_zero_shot_run_starts_adamix_from_clip_text_head(
   # Record the head each private run starts from.
   starts = []
   from adamix_jax.train import linear_head  # pylint: disable=g-import-not-at-top
-  original = linear_head.train_private_head
+  original = linear_head.LinearHeadProgram
 
   def recording(private_x, private_y, public_x, public_y, anchor_params,
                 *args, **kwargs):
@@ -94,7 +94,7 @@ def test_real_data_zero_shot_run_starts_adamix_from_clip_text_head(
     return original(private_x, private_y, public_x, public_y, anchor_params,
                     *args, **kwargs)
 
-  monkeypatch.setattr(linear_head, "train_private_head", recording)
+  monkeypatch.setattr(linear_head, "LinearHeadProgram", recording)
 
   config = _config(tiny_clip_dir, image_folder, str(tmp_path / "cache"))
   workdir = str(tmp_path / "run")
