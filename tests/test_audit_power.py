@@ -6,9 +6,10 @@ canaries (the test is chosen on one half, counted on the other) is what
 keeps it sound. Then the canaries inside the mechanism, and the audited
 digits AdaMix run: the same run as the recipe's, ``correct`` stays below
 its epsilon, and ``no_noise``, ``no_clip`` (epsilon 1 and 2) and
-``half_noise`` (epsilon 1) are caught. The digits runs use T = 100 steps
-(sigma calibrated for them) and M = 2e5 canaries to keep the suite fast;
-the audit of record (README) runs T = 500 and M = 1e6.
+``half_noise`` (epsilon 1) are caught. The digits runs cap T at 100 steps
+(``rules.max_steps``; sigma calibrated for them) and use M = 2e5 canaries
+to keep the suite fast; the audit of record (README) runs the planned T
+(352 and 659 steps at epsilon 1 and 2) and M = 1e6.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@ r"""White-box audit with Dirac gradient canaries: power from ONE private run.
 
 Threat model: the auditor sees every noisy update the mechanism releases
 (the threat model DP-SGD's accounting covers) and inserts gradient canaries.
-The audited run is the real digits AdaMix private run (the recipe's step
-config: sigma calibrated for (eps, delta, q, T), q, T, the public adaptive
-threshold C_t, mixing, schedule, tail averaging), with an auditor leaf of M
-coordinates appended to what each step releases:
+The audited run is the real digits AdaMix private run (the recipe's plan,
+``LinearHeadRecipe.plan``: sigma calibrated for (eps, delta, q, T), q, T,
+the clipping threshold C_t of every step (the fixed C of the noise-aware
+rules, or the public adaptive one of the fixed schedule), mixing, step
+size, tail averaging), with an auditor leaf of M coordinates appended to
+what each step releases:
 
 * canary i is a private "example" whose contribution is G e_i (a Dirac on
   its own auditor coordinate; G = ``canary_norm``, far above every C_t, so
