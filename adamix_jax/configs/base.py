@@ -45,6 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- non-private heads (public init, paragon): CV'd weight decay --------
   config.cv_folds = 5
+  # Solver of those heads' weight-decay path and CV folds. "sklearn"
+  # (default): scikit-learn's float64 L-BFGS, a per-fold Python loop on the
+  # host; deterministic, and what every committed result used. "jax": optax
+  # L-BFGS in float32, all folds of one decay vmapped in one jitted call;
+  # meant for accelerators, where it frees the host (on a CPU it can win or
+  # lose, see experiments/benchmarks/cv_solver_speed.py). Same objective;
+  # the two agree closely but not bit for bit.
+  config.cv_solver = "sklearn"
 
   # --- private training of the linear head: ONE set of rules for every DP
   # method (dp_sgd, pillar, adamix; docs/design.md "Rules") -----------------

@@ -126,6 +126,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "schedule with paragon, public_only, dp_sgd and adamix; set "
           "config.train.schedule='fixed' and drop "
           f"{linear_only or 'nothing'} from config.methods.")
+  cv_solver = config.get("cv_solver", "sklearn")
+  if cv_solver not in public_init_lib.SOLVERS:
+    raise ValueError(f"config.cv_solver must be one of "
+                     f"{list(public_init_lib.SOLVERS)}, got {cv_solver!r}: "
+                     "'sklearn' (CPU default) or 'jax' (for accelerators).")
   if config.preprocess not in preprocess_lib.MODES:
     raise ValueError(f"config.preprocess must be one of "
                      f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
@@ -287,7 +292,8 @@ class LinearHeadRecipe:
     else:
       params, cv = public_init_lib.train_head(
           prep(x_public_raw), y_public, len(class_names),
-          folds=config.cv_folds, seed=seed)
+          folds=config.cv_folds, seed=seed,
+          solver=config.get("cv_solver", "sklearn"))
       info.update(init="few_shot", weight_decay=cv.weight_decay,
                   cv_folds=cv.folds, cv_errors=cv.cv_errors)
     arrays = {"kernel": np.asarray(params["kernel"]),
@@ -332,7 +338,9 @@ class LinearHeadRecipe:
     y = np.concatenate([data.public_y, data.private_y])
     params, cv = public_init_lib.train_head(x, y, data.num_classes,
                                             folds=self.config.cv_folds,
-                                            seed=seed)
+                                            seed=seed,
+                                            solver=self.config.get(
+                                                "cv_solver", "sklearn"))
     return params, {"weight_decay": cv.weight_decay,
                     "cv_errors": cv.cv_errors}
 

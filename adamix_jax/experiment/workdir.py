@@ -23,6 +23,9 @@ from adamix_jax import io
 
 # Not part of the experiment: a run with another value is the same run.
 UNSAVED_FIELDS = ("progress",)
+# Fields added after workdirs were already made, with the value that older
+# workdirs (whose config.json lacks them) were run with.
+LATER_FIELDS = {"cv_solver": "sklearn"}
 
 
 class ConfigMismatchError(ValueError):
@@ -125,7 +128,11 @@ def config_differences(config: ml_collections.ConfigDict,
   saved = load_json_output(path, "the first run of this workdir")
   for field in UNSAVED_FIELDS:
     saved.pop(field, None)
-  old, new = _flat(saved), _flat(_saved_form(config))
+  given = _saved_form(config)
+  for field, value in LATER_FIELDS.items():
+    saved.setdefault(field, value)
+    given.setdefault(field, value)
+  old, new = _flat(saved), _flat(given)
   return [f"{k}: {_show(old.get(k, _MISSING))} -> {_show(new.get(k, _MISSING))}"
           for k in sorted(set(old) | set(new))
           if old.get(k, _MISSING) != new.get(k, _MISSING)]
