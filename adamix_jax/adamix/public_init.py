@@ -249,13 +249,14 @@ def select_weight_decay(x, y, num_classes: int,
       for f, (_, held_out) in enumerate(splits):
         logits = x[held_out] @ params["kernel"][f] + params["bias"][f]
         errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
-  for train, held_out in (splits if solver == "sklearn" else ()):
-    path = fit_regularization_path(x[train], y[train], num_classes,
-                                   weight_decays)
-    for i, params in enumerate(path):
-      logits = x[held_out] @ np.asarray(params["kernel"]) + \
-          np.asarray(params["bias"])
-      errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
+  else:
+    for train, held_out in splits:
+      path = fit_regularization_path(x[train], y[train], num_classes,
+                                     weight_decays)
+      for i, params in enumerate(path):
+        logits = x[held_out] @ np.asarray(params["kernel"]) + \
+            np.asarray(params["bias"])
+        errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
   errors /= len(y)
   best = max(range(len(weight_decays)),
              key=lambda i: (-round(float(errors[i]), 12), weight_decays[i]))
