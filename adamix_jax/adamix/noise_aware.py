@@ -110,6 +110,13 @@ def released_noise_norm(sigma_1: float, clip_norm: float, dim: int,
   return sigma_1 * clip_norm * math.sqrt(dim * num_classes) / num_private
 
 
+def noisy_dim_budget(sigma_1: float, num_private: int, num_classes: int,
+                     rules: Rules) -> int:
+  """The largest k with nu(k) <= theta (the dimension rule of rule 1)."""
+  return int((rules.theta * num_private / (sigma_1 * rules.clip_norm)) ** 2 /
+             num_classes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
   """A public feature map M (D, D_z): z = x~ M, W~ = W~_0 + M V."""
@@ -145,9 +152,8 @@ def public_geometry(public_x_aug: np.ndarray, sigma_1: float, num_private: int,
     kind, k = "full", dim
   else:
     kind = "subspace"
-    k = int((rules.theta * num_private / (sigma_1 * rules.clip_norm)) ** 2 /
-            num_classes)
-    k = max(1, min(n - 1, k))
+    k = max(1, min(n - 1, noisy_dim_budget(sigma_1, num_private, num_classes,
+                                           rules)))
   feature_map = eigvecs[:, :k] * (eigvals[:k] + rho) ** -0.5
   scale = np.median(np.linalg.norm(public_x_aug @ feature_map, axis=1))
   feature_map = feature_map / (scale / math.sqrt(2.0))
@@ -172,8 +178,7 @@ def principal_components(public_x_aug: np.ndarray, sigma_1: float,
   k = dim
   if released_noise_norm(sigma_1, rules.clip_norm, dim, num_classes,
                          num_private) > rules.theta:
-    k = int((rules.theta * num_private / (sigma_1 * rules.clip_norm)) ** 2 /
-            num_classes)
+    k = noisy_dim_budget(sigma_1, num_private, num_classes, rules)
   k = max(1, min(n - 1, k, dim - 1, vt.shape[0]))
   projection = vt[:k].T
   scale = np.median(np.linalg.norm(features @ projection, axis=1))

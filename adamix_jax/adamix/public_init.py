@@ -240,23 +240,22 @@ def select_weight_decay(x, y, num_classes: int,
   errors = np.zeros(len(weight_decays))
   x = np.asarray(x)
   splits = list(splitter.split(np.zeros(len(y)), y))
-  if solver == "jax":
+  if solver == "jax":  # every fold of one decay in one call
     masks = np.zeros((folds, len(y)), bool)
     for f, (train, _) in enumerate(splits):
       masks[f, train] = True
     path = _jax_path(x, y, num_classes, weight_decays, masks)
-    for i, params in enumerate(path):
-      for f, (_, held_out) in enumerate(splits):
-        logits = x[held_out] @ params["kernel"][f] + params["bias"][f]
-        errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
+    fold_paths = [[{k: v[f] for k, v in params.items()} for params in path]
+                  for f in range(folds)]
   else:
-    for train, held_out in splits:
-      path = fit_regularization_path(x[train], y[train], num_classes,
-                                     weight_decays)
-      for i, params in enumerate(path):
-        logits = x[held_out] @ np.asarray(params["kernel"]) + \
-            np.asarray(params["bias"])
-        errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
+    fold_paths = [fit_regularization_path(x[train], y[train], num_classes,
+                                          weight_decays)
+                  for train, _ in splits]
+  for (_, held_out), path in zip(splits, fold_paths):
+    for i, params in enumerate(path):
+      logits = (x[held_out] @ np.asarray(params["kernel"]) +
+                np.asarray(params["bias"]))
+      errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
   errors /= len(y)
   best = max(range(len(weight_decays)),
              key=lambda i: (-round(float(errors[i]), 12), weight_decays[i]))

@@ -42,11 +42,11 @@ from adamix_jax.train import fit as fit_lib
 
 METHODS = ("paragon", "public_only", "dp_sgd", "pillar", "dp_prototypes",
            "adamix", "zero_noise")
+# The others are non-private references (epsilon None). "zero_noise":
+# AdaMix's optimiser with the noise switched off (same clipping, geometry,
+# rules at sigma = 0): a diagnostic of convergence, NOT private (the
+# ablation reports it).
 DP_METHODS = ("dp_sgd", "pillar", "dp_prototypes", "adamix")
-# Non-private references (epsilon None). "zero_noise": AdaMix's optimiser
-# with the noise switched off (same clipping, geometry, rules at sigma = 0):
-# a diagnostic of convergence, NOT private (the ablation reports it).
-REFERENCE_METHODS = tuple(m for m in METHODS if m not in DP_METHODS)
 MODEL_KINDS = ("linear", "cnn")
 SCHEDULES = ("noise_aware", "fixed")
 PUBLIC_WEIGHT_RULES = ("noise_aware", "set_size", "constant")
@@ -228,14 +228,12 @@ class DPRun:
   individual: Optional[individual_lib.IndividualRecorder] = None
 
 
-def _dp_meta(config, method, epsilon, seed, sigma, data, resumed_from,
-             extra=None) -> dict:
-  """A run's meta.json (``steps``/``sampling_rate``: the fixed schedule's;
-  a recipe that plans its own overwrites them)."""
+def _dp_meta(config, method, epsilon, seed, sigma, data, resumed_from, *,
+             steps: int, sampling_rate: float, extra=None) -> dict:
+  """A private run's meta.json."""
   return {"method": method, "epsilon": float(epsilon), "seed": seed,
           "resumed_from_step": resumed_from, "noise_multiplier": sigma,
-          "steps": num_steps(config),
-          "sampling_rate": float(config.train.sampling_rate),
+          "steps": int(steps), "sampling_rate": float(sampling_rate),
           "private_examples": int(len(data.private_y)),
           "public_examples": int(len(data.public_y)),
           "insecure_reproducible_noise": insecure_noise(config),
@@ -374,9 +372,11 @@ class LinearHeadRecipe:
     dim = data.private_x.shape[1]
     zeros = linear.zeros(dim, c)
     no_public = dict(public_x=data.public_x[:0], public_y=data.public_y[:0])
-    public_x_aug = np.asarray(linear.augment(np.asarray(data.public_x,
-                                                        np.float32)))
     if train.schedule == "fixed":
+      if epsilon is None:
+        raise ValueError("a zero-noise plan (epsilon None) needs the "
+                         "noise-aware rules: config.train.schedule="
+                         "'noise_aware'.")
       steps = num_steps(config)
       sigma = noise_multiplier(config, epsilon)
       common = dict(noise_multiplier=sigma,
@@ -398,6 +398,8 @@ class LinearHeadRecipe:
             self._adamix_inputs(data, zeros), lr_schedule=train.lr_schedule)
       raise ValueError(f"method {method!r} needs train.schedule="
                        "'noise_aware'.")
+    public_x_aug = np.asarray(linear.augment(np.asarray(data.public_x,
+                                                        np.float32)))
     rules = self.rules()
     sigma_1 = (0.0 if epsilon is None else
                noise_aware.single_release_sigma(epsilon, config.delta))
@@ -449,9 +451,6 @@ class LinearHeadRecipe:
     """AdaMix's optimiser without noise (``plan(.., epsilon=None)``): the
     convergence diagnostic, NOT private (its params are not a release)."""
     del seed
-    if self.config.train.schedule != "noise_aware":
-      raise ValueError("the zero_noise diagnostic runs the noise-aware rules; "
-                       "set config.train.schedule='noise_aware'.")
     plan = self.plan("adamix", None, data)
     params = fit_lib.fit(self.program(plan, data), steps=plan.steps,
                          ledger=accounting.PrivacyLedger(
@@ -519,9 +518,10 @@ class LinearHeadRecipe:
             checkpointer=checkpointer, progress=progress))
     meta = _dp_meta(config, method, epsilon, seed,
                     plan.step_config.noise_multiplier, data, resumed_from,
-                    {"public_weight": plan.step_config.public_weight,
-                     "clip_norm": plan.step_config.clip_norm, **plan.info})
-    meta.update(steps=plan.steps, sampling_rate=plan.sampling_rate)
+                    steps=plan.steps, sampling_rate=plan.sampling_rate,
+                    extra={"public_weight": plan.step_config.public_weight,
+                           "clip_norm": plan.step_config.clip_norm,
+                           **plan.info})
     return DPRun(params, ledger, meta, individual=recorder)
 
   def _prototypes(self, epsilon, seed, data, ledger, coins) -> DPRun:
@@ -534,10 +534,10 @@ class LinearHeadRecipe:
         data.private_x, data.private_y, data.public_x, data.public_y,
         data.num_classes, noise_multiplier=sigma_1, ledger=ledger,
         coins=coins)
-    meta = _dp_meta(self.config, "dp_prototypes", epsilon, seed, sigma_1,
-                    data, None, {"clip_norm": prototypes.CLIP_NORM})
-    meta.update(steps=1, sampling_rate=1.0)
-    return DPRun(params, ledger, meta)
+    return DPRun(params, ledger, _dp_meta(
+        self.config, "dp_prototypes", epsilon, seed, sigma_1, data, None,
+        steps=1, sampling_rate=1.0,
+        extra={"clip_norm": prototypes.CLIP_NORM}))
 
   def test_error(self, params: dict, data: SeedData) -> float:
     return linear.error_rate(params, data.test_x, data.test_y)
@@ -672,8 +672,9 @@ class FullModelRecipe:
             # The optimiser is a closure: its settings are fingerprinted here.
             fingerprint={"train": repr(sorted(train.to_dict().items()))},
             model=model))
-    return DPRun(params, ledger, _dp_meta(config, method, epsilon, seed,
-                                          sigma, data, resumed_from))
+    return DPRun(params, ledger, _dp_meta(
+        config, method, epsilon, seed, sigma, data, resumed_from,
+        steps=num_steps(config), sampling_rate=train.sampling_rate))
 
   def test_error(self, params, data: SeedData) -> float:
     from adamix_jax.train import full_model  # pylint: disable=g-import-not-at-top

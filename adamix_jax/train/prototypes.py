@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamix_jax.adamix import linear_step
 from adamix_jax.adamix import subspace as subspace_lib
 from adamix_jax.data import validation
 from adamix_jax.models import linear
@@ -91,8 +92,9 @@ class PrototypesProgram:
                                   jnp.asarray(batch.mask), noise_key,
                                   jnp.float32(self.noise_multiplier),
                                   self.num_classes)
-    return (next_key, sums), _Metrics(threshold=CLIP_NORM,
-                                      batch_size=stats.num_examples)
+    return (next_key, sums), linear_step.StepMetrics(
+        threshold=jnp.float32(CLIP_NORM), batch_size=stats.num_examples,
+        num_clipped=stats.num_clipped, num_nonfinite=stats.num_nonfinite)
 
   def release(self, state) -> dict:
     sums = np.asarray(state[1], np.float64) + self.public_sums  # (D, c)
@@ -100,12 +102,6 @@ class PrototypesProgram:
     means = sums[:-1] / counts  # (d, c): class means of x
     return {"kernel": means.astype(np.float32),
             "bias": (-0.5 * np.sum(means**2, axis=0)).astype(np.float32)}
-
-
-class _Metrics:
-
-  def __init__(self, threshold, batch_size):
-    self.threshold, self.batch_size = threshold, batch_size
 
 
 def train_prototypes(private_x, private_y, public_x, public_y,
