@@ -126,13 +126,47 @@ def test_ghost_and_jvp_clipped_projection_sums_equal_full_model_clipped_sum():
   ghost_sum, ghost_stats = jax.jit(
       lambda p, v: ghost.ghost_clipped_projection_sum(
           model, p, (x, y), v, threshold, mask, loss=loss))(params, basis)
+  # Captured a few examples at a time: the same coefficients.
+  sliced_sum, sliced_stats = jax.jit(
+      lambda p, v: ghost.ghost_clipped_projection_sum(
+          model, p, (x, y), v, threshold, mask, loss=loss,
+          examples_per_pass=3))(params, basis)
   jvp_sum, jvp_stats = jax.jit(
       lambda p, v: projection.jvp_clipped_projection_sum(
           loss_fn, p, (x, y), v, threshold, mask, chunk_size=2,
           examples_per_pass=3))(params, basis)
-  for got, stats in ((ghost_sum, ghost_stats), (jvp_sum, jvp_stats)):
+  for got, stats in ((ghost_sum, ghost_stats), (sliced_sum, sliced_stats),
+                     (jvp_sum, jvp_stats)):
     assert np.all(np.isfinite(got))
     assert_close(got, ref_sum)
     assert int(stats.num_nonfinite) == int(ref_stats.num_nonfinite) == 1
     assert int(stats.num_examples) == 4
     assert int(stats.num_clipped) == int(ref_stats.num_clipped) > 0
+
+
+@pytest.mark.parametrize("method", ["ghost", "jvp"])
+def test_ghost_and_jvp_full_model_backend_in_slices_equals_vmap(method):
+  """The full-model step's backend (``full_model.contributions_fn``) with
+  ``microbatch_size``: the projection is taken a few examples per pass,
+  with the same coefficients as the vmap reference."""
+  from adamix_jax.adamix import settings  # pylint: disable=g-import-not-at-top
+  model = cifar_cnn()
+  x, y = images(6, (32, 32, 3), seed=3)
+  params = init(model, x)
+  basis = orthonormal_basis(params, 4)
+  want = reference_coefficients(model, params, (x, y), basis)
+  for slice_size in (None, 2, 3):
+    flags = settings.PerformanceFlags(projection=method,
+                                      microbatch_size=slice_size)
+    make = full_model.contributions_fn(full_model.classification_loss(model),
+                                       params, (x, y), flags, model=model)
+    weights = jnp.arange(1.0, 7.0)
+    norms, summed = jax.jit(lambda v: (make(v).norms(),
+                                       make(v).weighted_sum(weights)))(basis)
+    assert_close(norms, jnp.linalg.norm(want, axis=1))
+    assert_close(summed, weights @ want)
+  with pytest.raises(ValueError, match="must divide"):
+    full_model.contributions_fn(
+        full_model.classification_loss(model), params, (x, y),
+        settings.PerformanceFlags(projection=method, microbatch_size=4),
+        model=model)(basis)

@@ -168,7 +168,10 @@ class PerformanceFlags:
     "dual" (a "gradients" subspace only: the state is W~_0 + a D + X~p^T S,
     see linear_step) or "auto" (dual wherever it applies on one device).
   microbatch_size: vmap paths: examples per vmap slice (peak memory is one
-    slice's per-example gradients); None: the whole batch.
+    slice's per-example gradients); full models' ghost and JVP projections:
+    examples per capture / forward-mode pass (peak memory is one slice's
+    activations, patches and tangents); must divide the padded batch.
+    None: the whole batch.
   cache_private_kernel: linear heads, matrix form, "gradients" subspace:
     cache X~ X~p^T for every private example (N x n floats).
   clipping: full models: "vmap" (per-example gradients), "ghost" (norms

@@ -129,6 +129,15 @@ def get_config() -> ml_collections.ConfigDict:
   # subspace iteration + Rayleigh-Ritz, cheap) or "eigh" (exact top-k).
   config.adamix.subspace_method = "iterative"
   config.adamix.pull = 0.0  # lambda * (w - w_0) (hurt on every dev split)
+  # Private model selection (privacy/selection.py, issue #15 item 4): a
+  # per-record coin sends this fraction of the private set to a validation
+  # part; AdaMix trains on the rest at the full epsilon, and report-noisy-max
+  # at the full epsilon on the validation error counts picks one point of
+  # w_0 + t (w - w_0), t in selection_path (disjoint parts: the same
+  # (epsilon, delta) by parallel composition). 0 = off: see
+  # experiments/results/private_selection/ for why it is off by default.
+  config.adamix.selection_fraction = 0.0
+  config.adamix.selection_path = (0.0, 0.25, 0.5, 0.75, 1.0)
 
   # --- individual privacy (issue #13; linear heads) -------------------------
   # Each private run records every private example's clipping ratio at every

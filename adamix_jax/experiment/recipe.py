@@ -37,6 +37,7 @@ from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import individual as individual_lib
 from adamix_jax.privacy import randomness
+from adamix_jax.privacy import selection as selection_lib
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import fit as fit_lib
 
@@ -126,6 +127,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "schedule with paragon, public_only, dp_sgd and adamix; set "
           "config.train.schedule='fixed' and drop "
           f"{linear_only or 'nothing'} from config.methods.")
+  _validate_selection(config)
   cv_solver = config.get("cv_solver", "sklearn")
   if cv_solver not in public_init_lib.SOLVERS:
     raise ValueError(f"config.cv_solver must be one of "
@@ -156,6 +158,43 @@ def model_kind(config) -> str:
 
 def num_steps(config) -> int:
   return max(1, int(round(config.train.epochs / config.train.sampling_rate)))
+
+
+def _validate_selection(config) -> None:
+  adamix = config.adamix
+  fraction = adamix.get("selection_fraction", 0.0)
+  if fraction == 0:
+    return
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.adamix.selection_fraction must be in [0, 1) "
+                     f"(0 = no private selection), got {fraction}.")
+  path = list(adamix.get("selection_path", ()))
+  if not path or any(isinstance(t, bool) or not isinstance(t, (int, float))
+                     for t in path):
+    raise ValueError("config.adamix.selection_path must list the points t of "
+                     "w_0 + t (w - w_0) to choose from, e.g. "
+                     "--config.adamix.selection_path=0,0.5,1.")
+  if model_kind(config) != "linear":
+    raise ValueError("private selection (config.adamix.selection_fraction) "
+                     "is for linear heads; set it to 0 for a full model.")
+  if config.train.get("schedule", "fixed") != "noise_aware":
+    raise ValueError("private selection needs the noise-aware rules "
+                     "(config.train.schedule='noise_aware') or "
+                     "config.adamix.selection_fraction=0.")
+  if individual_levels(config) is not None:
+    raise ValueError(
+        "private selection trains on a random part of the private set, which "
+        "individual-privacy recording does not follow: set "
+        "config.analysis.individual_privacy=False, or "
+        "config.adamix.selection_fraction=0.")
+
+
+def selection_fraction(config, method: str) -> float:
+  """The private-selection validation fraction of ``method``'s runs (0:
+  off). AdaMix only: its path starts at the public model."""
+  if method != "adamix" or model_kind(config) != "linear":
+    return 0.0
+  return float(config.adamix.get("selection_fraction", 0.0))
 
 
 def individual_levels(config) -> Optional[int]:
@@ -507,22 +546,65 @@ class LinearHeadRecipe:
       coins = randomness.MechanismCoins.insecure_from_seed(seed)
     if method == "dp_prototypes":
       return self._prototypes(epsilon, seed, data, ledger, coins)
-    plan = plan or self.plan(method, epsilon, data)
+    fraction = selection_fraction(config, method)
     levels = individual_levels(config)
-    recorder = None if levels is None else individual_lib.IndividualRecorder(
-        len(data.private_y), levels)
-    program = self.program(plan, data, mesh=mesh, individual=recorder)
-    params, resumed_from = _run_with_checkpoints(
-        config, checkpoint_dir, lambda checkpointer: fit_lib.fit(
-            program, steps=plan.steps, ledger=ledger, coins=coins,
-            checkpointer=checkpointer, progress=progress))
+
+    def train(checkpointer):
+      # With private selection the validation split comes from the run's
+      # coins: a resume takes the checkpoint's, so no record changes part.
+      run_coins = coins
+      if fraction:
+        saved = checkpointer.saved_coins() if checkpointer else None
+        run_coins = saved or run_coins or randomness.MechanismCoins.fresh()
+      held_out = (None if not fraction else selection_lib.validation_mask(
+          len(data.private_y), fraction, run_coins))
+      fit_data = data if held_out is None else dataclasses.replace(
+          data, private_x=data.private_x[~held_out],
+          private_y=data.private_y[~held_out])
+      run_plan = plan or self.plan(method, epsilon, fit_data)
+      recorder = None if levels is None else (
+          individual_lib.IndividualRecorder(len(fit_data.private_y), levels))
+      params = fit_lib.fit(
+          self.program(run_plan, fit_data, mesh=mesh, individual=recorder),
+          steps=run_plan.steps, ledger=ledger, coins=run_coins,
+          checkpointer=checkpointer, progress=progress)
+      info = {}
+      if held_out is not None:
+        params, info = self._select(params, data, held_out, epsilon,
+                                    run_coins, ledger)
+      return params, run_plan, fit_data, recorder, info
+
+    (params, plan, fit_data, recorder, info), resumed_from = (
+        _run_with_checkpoints(config, checkpoint_dir, train))
     meta = _dp_meta(config, method, epsilon, seed,
-                    plan.step_config.noise_multiplier, data, resumed_from,
+                    plan.step_config.noise_multiplier, fit_data, resumed_from,
                     steps=plan.steps, sampling_rate=plan.sampling_rate,
                     extra={"public_weight": plan.step_config.public_weight,
                            "clip_norm": plan.step_config.clip_norm,
-                           **plan.info})
+                           **plan.info, **info})
     return DPRun(params, ledger, meta, individual=recorder)
+
+  def _select(self, params, data: SeedData, held_out: np.ndarray,
+              epsilon: float, coins, ledger) -> tuple[dict, dict]:
+    """Private model selection (``privacy.selection``): the candidates
+    w_0 + t (w - w_0) of the run trained on the training part, chosen by
+    report-noisy-max at ``epsilon`` on the validation part's error counts
+    (disjoint records: parallel composition, recorded in the ledger)."""
+    path = tuple(float(t) for t in self.config.adamix.selection_path)
+    start = (data.public_params if self.config.adamix.public_init
+             else linear.zeros(data.private_x.shape[1], data.num_classes))
+    candidates = selection_lib.path_candidates(
+        start, {k: np.asarray(v) for k, v in params.items()}, path)
+    val_x, val_y = data.private_x[held_out], data.private_y[held_out]
+    index = selection_lib.select_on_validation(
+        candidates,
+        lambda c: linear.error_count(c, val_x, val_y),
+        float(epsilon), coins, ledger, num_validation=len(val_y))
+    # The chosen t is a function of the two releases (public); the
+    # validation counts are not, and are not written anywhere.
+    return candidates[index], {"selection_t": path[index],
+                               "selection_records": int(len(val_y)),
+                               "selection_path": list(path)}
 
   def _prototypes(self, epsilon, seed, data, ledger, coins) -> DPRun:
     """DP class prototypes: one Gaussian release of the private class sums

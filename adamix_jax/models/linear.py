@@ -49,6 +49,12 @@ def residuals(matrix: jax.Array, x_aug: jax.Array, y: jax.Array,
   return jax.nn.softmax(logits) - jax.nn.one_hot(y, matrix.shape[1])
 
 
-def error_rate(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+def error_count(params: Params, x: np.ndarray, y: np.ndarray) -> int:
+  """The number of misclassified rows (an integer: private selection's
+  counts have sensitivity 1)."""
   predictions = np.asarray(jnp.argmax(logits(params, jnp.asarray(x)), axis=-1))
-  return float(np.mean(predictions != np.asarray(y)))
+  return int(np.sum(predictions != np.asarray(y)))
+
+
+def error_rate(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+  return error_count(params, x, y) / len(y)

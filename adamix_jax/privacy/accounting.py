@@ -165,6 +165,28 @@ class LedgerEntry:
 
 
 @dataclasses.dataclass
+class ParallelRelease:
+  """A pure epsilon-DP release on records DISJOINT from the ledger's steps
+  (a private selection on its validation part, ``privacy.selection``): it
+  composes in parallel with them (invariant 7)."""
+
+  mechanism: str
+  epsilon: float
+  records: int
+
+
+def _check_parallel(mechanism: str, epsilon: float, records: int) -> None:
+  if not isinstance(mechanism, str) or not mechanism:
+    raise ValueError("a parallel release needs a mechanism name.")
+  if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or
+      not math.isfinite(epsilon) or epsilon <= 0):
+    raise ValueError(f"a parallel release's epsilon must be a finite number "
+                     f"> 0, got {epsilon!r}.")
+  if isinstance(records, bool) or int(records) != records or records < 1:
+    raise ValueError(f"a parallel release needs >= 1 record, got {records!r}.")
+
+
+@dataclasses.dataclass
 class PrivacyLedger:
   """The steps actually taken, and the epsilon they cost.
 
@@ -180,11 +202,18 @@ class PrivacyLedger:
 
   Sharp edge: record a step only once its noisy update has been released
   (applied to the parameters); recording is what the accounting trusts.
+
+  ``parallel``: pure-DP releases on a part of the private set disjoint from
+  the one the steps touched (``record_parallel``; ``privacy.selection``).
+  They compose in parallel with the steps: ``epsilon()`` is the largest of
+  the steps' epsilon and theirs, not the sum (invariant 7). Only a
+  mechanism that reads a disjoint part may be recorded here.
   """
 
   delta: float
   target_epsilon: float | None = None
   entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
+  parallel: list[ParallelRelease] = dataclasses.field(default_factory=list)
   # (sigma, q, total steps) approved by ``approve``: ``check_step`` is O(1)
   # inside it. Dropped whenever anything else is recorded.
   _plan: tuple[float, float, int] | None = dataclasses.field(
@@ -200,6 +229,10 @@ class PrivacyLedger:
                     for e in self.entries]
     for e in self.entries:
       _check_entry(e.noise_multiplier, e.sampling_rate, e.steps)
+    self.parallel = [p if isinstance(p, ParallelRelease) else
+                     ParallelRelease(**p) for p in self.parallel]
+    for p in self.parallel:
+      _check_parallel(p.mechanism, p.epsilon, p.records)
 
   @property
   def total_steps(self) -> int:
@@ -230,7 +263,13 @@ class PrivacyLedger:
 
   def epsilon(self, accountant: str = "pld",
               extra: tuple[float, float, int] | None = None) -> float:
-    """Epsilon spent at this ledger's delta (plus ``extra`` steps if given)."""
+    """Epsilon spent at this ledger's delta (plus ``extra`` steps if given):
+    the steps' epsilon, or a parallel release's if that is larger."""
+    sequential = self._steps_epsilon(accountant, extra)
+    return max([sequential] + [p.epsilon for p in self.parallel])
+
+  def _steps_epsilon(self, accountant: str,
+                     extra: tuple[float, float, int] | None) -> float:
     entries = list(self.entries)
     if extra is not None:
       entries.append(LedgerEntry(*extra))
@@ -294,6 +333,25 @@ class PrivacyLedger:
       return
     self.check_budget(noise_multiplier, sampling_rate, 1)
 
+  def check_parallel(self, mechanism: str, epsilon: float) -> None:
+    """Raises BudgetExceededError if a parallel release at ``epsilon``
+    would exceed the target (it is not added to the steps' epsilon)."""
+    _check_parallel(mechanism, epsilon, 1)
+    if self.target_epsilon is not None and epsilon > self.target_epsilon:
+      raise BudgetExceededError(
+          f"{mechanism} at epsilon {epsilon:.4f} exceeds the target "
+          f"{self.target_epsilon:.4f}; give it at most the target.")
+
+  def record_parallel(self, mechanism: str, epsilon: float,
+                      records: int) -> None:
+    """Records a pure epsilon-DP release on ``records`` private records
+    disjoint from those the steps touched (after it is released)."""
+    _check_parallel(mechanism, float(epsilon), records)
+    self.check_parallel(mechanism, float(epsilon))
+    self.parallel.append(ParallelRelease(mechanism, float(epsilon),
+                                         int(records)))
+    self._plan = None
+
   def replace_entries(self, entries: list[LedgerEntry]) -> None:
     """Sets the entries (e.g. from a checkpoint); drops any approved plan."""
     entries = [e if isinstance(e, LedgerEntry) else LedgerEntry(**e)
@@ -306,13 +364,16 @@ class PrivacyLedger:
   def to_dict(self) -> dict[str, Any]:
     return {"delta": self.delta, "target_epsilon": self.target_epsilon,
             "entries": [dataclasses.asdict(e) for e in self.entries],
+            "parallel": [dataclasses.asdict(p) for p in self.parallel],
             "total_steps": self.total_steps,
             "epsilon_pld": self.epsilon("pld")}
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
     return cls(delta=data["delta"], target_epsilon=data.get("target_epsilon"),
-               entries=[LedgerEntry(**e) for e in data["entries"]])
+               entries=[LedgerEntry(**e) for e in data["entries"]],
+               parallel=[ParallelRelease(**p)
+                         for p in data.get("parallel", [])])
 
   def save(self, path: str) -> None:
     """Writes JSON atomically: a crash leaves the old file or the new one."""

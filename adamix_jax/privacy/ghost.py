@@ -796,14 +796,21 @@ def ghost_clipped_projection_sum(model: nn.Module,
                                  loss: LogitLoss = softmax_cross_entropy,
                                  form: str = AUTO,
                                  apply_kwargs: Optional[dict] = None,
-                                 variables: Optional[dict] = None
+                                 variables: Optional[dict] = None,
+                                 examples_per_pass: Optional[int] = None
                                  ) -> tuple[jax.Array, clipping.ClipStats]:
   """AdaMix: sum_i clip_C(V^T g_i), a k-vector, without per-example gradients.
 
   Equals the vmap backend projected onto ``basis`` (``adamix.transform.projector``): project THEN clip, so the projection cannot carry an example
-  past the bound.
+  past the bound. ``examples_per_pass``: capture and project that many
+  examples at a time (the unfolded patches and cotangents held at once
+  shrink by B / examples_per_pass; the coefficients are the same).
   """
-  contributions = capture(model, params, batch, loss, form=form,
-                          apply_kwargs=apply_kwargs, variables=variables)
-  coefficients = contributions.project(basis)
+  def coefficients_of(part):
+    return capture(model, params, part, loss, form=form,
+                   apply_kwargs=apply_kwargs,
+                   variables=variables).project(basis)
+
+  coefficients = per_example.map_example_slices(coefficients_of, batch,
+                                                examples_per_pass)
   return per_example.clipped_sum(coefficients, clip_norm, mask)

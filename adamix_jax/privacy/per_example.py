@@ -69,6 +69,26 @@ def _batch_size(batch: PyTree) -> int:
   return sizes.pop()
 
 
+def map_example_slices(fn: Callable[[PyTree], jax.Array], batch: PyTree,
+                       examples_per_pass: Optional[int]) -> jax.Array:
+  """``fn(batch)`` for a per-example ``fn`` (rows in, rows out), computed
+  ``examples_per_pass`` rows at a time (``lax.map``): what a pass holds at
+  once (activations, tangents, cotangents) shrinks by B / examples_per_pass.
+  None, or a slice as large as the batch: one call."""
+  size = _batch_size(batch)
+  if examples_per_pass is None or examples_per_pass >= size:
+    return fn(batch)
+  if examples_per_pass < 1 or size % examples_per_pass:
+    raise ValueError(f"examples_per_pass={examples_per_pass} must divide "
+                     f"the batch size {size}.")
+  passes = size // examples_per_pass
+  slices = jax.tree_util.tree_map(
+      lambda x: jnp.reshape(x, (passes, examples_per_pass) + x.shape[1:]),
+      batch)
+  per_pass = jax.lax.map(fn, slices)  # (passes, examples_per_pass, ...)
+  return jnp.reshape(per_pass, (size,) + per_pass.shape[2:])
+
+
 def vmap_contributions(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
                        transform: Optional[PerExampleTransform] = None, *,
                        microbatch_size: Optional[int] = None):

@@ -73,7 +73,7 @@ def jvp_coefficients(loss_fn: ExampleLoss,
                      batch: PyTree,
                      basis: jax.Array | PyTree,
                      *,
-                     chunk_size: Optional[int] = 2,
+                     chunk_size: Optional[int] = 8,
                      examples_per_pass: Optional[int] = None) -> jax.Array:
   """(B, k) coefficients c_ij = <grad loss_fn(params, example_i), v_j>.
 
@@ -88,9 +88,10 @@ def jvp_coefficients(loss_fn: ExampleLoss,
     basis: (P, k) (``ravel_pytree`` order) or a pytree like params whose
       leaves have a leading axis k.
     chunk_size: basis vectors pushed forward at once (tangent memory is
-      chunk_size x one forward's activations); None: all k at once. On a
-      2-core CPU, 1-2 were fastest for the CIFAR CNN (bigger chunks spill
-      the caches) and also hold the least memory.
+      chunk_size x one forward's activations); None: all k at once. For
+      the CIFAR CNN at B = 256 on a quiet 2-core CPU, 8 vectors with 32
+      examples per pass were fastest (4-16 vectors within 20 %; 1 vector
+      1.5-1.8x slower): experiments/benchmarks/FULL_MODEL_SPEED.md.
     examples_per_pass: linearise and push forward this many examples at a
       time (``lax.map`` over slices of the batch; must divide B): the
       residuals and tangents held at once shrink by B / examples_per_pass.
@@ -103,20 +104,9 @@ def jvp_coefficients(loss_fn: ExampleLoss,
   if not isinstance(basis, (jax.Array, np.ndarray)):
     basis = jax.vmap(lambda t: ravel_pytree(t)[0])(basis).T  # (P, k)
   basis = jnp.asarray(basis)
-  size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-  if examples_per_pass is not None and examples_per_pass < size:
-    if size % examples_per_pass:
-      raise ValueError(f"examples_per_pass={examples_per_pass} must divide "
-                       f"the batch size {size}.")
-    passes = size // examples_per_pass
-    slices = jax.tree_util.tree_map(
-        lambda x: jnp.reshape(x, (passes, examples_per_pass) + x.shape[1:]),
-        batch)
-    per_pass = jax.lax.map(
-        lambda part: _coefficients(loss_fn, params, part, basis, chunk_size),
-        slices)  # (passes, examples_per_pass, k)
-    return jnp.reshape(per_pass, (size, basis.shape[1]))
-  return _coefficients(loss_fn, params, batch, basis, chunk_size)
+  return per_example.map_example_slices(
+      lambda part: _coefficients(loss_fn, params, part, basis, chunk_size),
+      batch, examples_per_pass)
 
 
 def _coefficients(loss_fn, params, batch, basis, chunk_size):
@@ -150,7 +140,7 @@ def jvp_clipped_projection_sum(loss_fn: ExampleLoss,
                                clip_norm: jax.Array | float,
                                mask: Optional[jax.Array] = None,
                                *,
-                               chunk_size: Optional[int] = 2,
+                               chunk_size: Optional[int] = 8,
                                examples_per_pass: Optional[int] = None
                                ) -> tuple[jax.Array, clipping.ClipStats]:
   """sum_i clip_C(V^T g_i): AdaMix's k-dimensional clipped sum (sensitivity C).

@@ -32,9 +32,11 @@ import numpy as np
 
 ENTROPY_BITS = 128
 _WORDS = ENTROPY_BITS // 32
-# SeedSequence spawn keys: the noise key and the sampler never share a stream.
+# SeedSequence spawn keys: the noise key, the sampler and the private
+# selection (its validation split and its Gumbel noise) never share a stream.
 _NOISE_STREAM = 0
 _SAMPLER_STREAM = 1
+_SELECTION_STREAM = 2
 INSECURE_NOTICE = "no privacy guarantee: noise derived from the seed"
 
 
@@ -90,6 +92,16 @@ class MechanismCoins:
       return self.insecure_seed
     words = np.random.SeedSequence(
         int(self.entropy), spawn_key=(_SAMPLER_STREAM,)).generate_state(_WORDS)
+    return int.from_bytes(words.astype("<u4").tobytes(), "little")
+
+  @property
+  def selection_seed(self) -> int:
+    """The seed of the private selection's coins (``privacy.selection``:
+    the per-record validation split, then its Gumbel noise); secret
+    (derived from the public seed in the insecure mode, like the rest)."""
+    words = np.random.SeedSequence(
+        int(self.entropy),
+        spawn_key=(_SELECTION_STREAM,)).generate_state(_WORDS)
     return int.from_bytes(words.astype("<u4").tobytes(), "little")
 
   def noise_key(self) -> jax.Array:

@@ -198,12 +198,22 @@ def vmap_sum(model, microbatch=None):
   return fn
 
 
-def ghost_sum(model):
+def _examples_per_pass(per_pass, batch):
+  """None when the slice is the whole batch or does not divide it."""
+  size = batch[0].shape[0]
+  if per_pass is not None and (per_pass >= size or size % per_pass):
+    return None
+  return per_pass
+
+
+def ghost_sum(model, examples_per_pass=None):
   def fn(params, batch, basis):
-    captured = ghost.capture(model, params, batch)
     if basis is None:
-      return captured
-    return per_example.PerExampleGradients.create(captured.project(basis))
+      return ghost.capture(model, params, batch)
+    return per_example.PerExampleGradients.create(
+        per_example.map_example_slices(
+            lambda part: ghost.capture(model, params, part).project(basis),
+            batch, _examples_per_pass(examples_per_pass, batch)))
   return fn
 
 
@@ -211,14 +221,10 @@ def jvp_sum(model, chunk_size, examples_per_pass):
   loss_fn = full_model.classification_loss(model)
 
   def fn(params, batch, basis):
-    per_pass = examples_per_pass
-    if per_pass is not None and (per_pass >= batch[0].shape[0] or
-                                 batch[0].shape[0] % per_pass):
-      per_pass = None
     return per_example.PerExampleGradients.create(
-        projection.jvp_coefficients(loss_fn, params, batch, basis,
-                                    chunk_size=chunk_size,
-                                    examples_per_pass=per_pass))
+        projection.jvp_coefficients(
+            loss_fn, params, batch, basis, chunk_size=chunk_size,
+            examples_per_pass=_examples_per_pass(examples_per_pass, batch)))
   return fn
 
 
@@ -302,9 +308,9 @@ def benchmark(model_name: str, batch: int, args) -> list[dict]:
                   bases[k], {"k": k, "jvp_chunk": args.jvp_chunk,
                              "jvp_examples_per_pass": args.jvp_examples}))
   for k in args.ranks:
-    plans.append((f"adamix_ghost_k{k}",
-                  functools.partial(dp_step, ghost_sum(model)), bases[k],
-                  {"k": k}))
+    plans.append((f"adamix_ghost_k{k}", functools.partial(
+        dp_step, ghost_sum(model, args.ghost_examples)), bases[k],
+                  {"k": k, "ghost_examples_per_pass": args.ghost_examples}))
   if args.methods:
     plans = [p for p in plans if p[0] == "non_private" or p[0] in args.methods]
 
@@ -395,10 +401,13 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--microbatch", type=int, default=32)
-  parser.add_argument("--jvp-chunk", type=int, default=2,
+  parser.add_argument("--jvp-chunk", type=int, default=8,
                       help="basis vectors per forward-mode pass")
-  parser.add_argument("--jvp-examples", type=int, default=64,
+  parser.add_argument("--jvp-examples", type=int, default=32,
                       help="examples per forward-mode pass (0: all)")
+  parser.add_argument("--ghost-examples", type=int, default=64,
+                      help="examples per ghost capture in the AdaMix-ghost "
+                           "rows (0: all)")
   parser.add_argument("--image-size", type=int, default=None,
                       help="override the model's input size")
   parser.add_argument("--vmap-limit-gib", type=float, default=8.0,
@@ -407,6 +416,7 @@ def main(argv=None) -> None:
                       help="smoke run: cnn, B=64, k=16, 2 repeats")
   args = parser.parse_args(argv)
   args.jvp_examples = args.jvp_examples or None
+  args.ghost_examples = args.ghost_examples or None
   accelerator = jax.default_backend() != "cpu"
   if args.quick:
     args.models = args.models or ["cnn"]

@@ -1,0 +1,126 @@
+r"""Does private model selection pay? (issue #15, item 4). DEVELOPMENT splits.
+
+  adamix-train --config digits --workdir /tmp/sel_digits \
+      --config.methods=public_only        # features, splits, public starts
+  python -m experiments.private_selection --config digits \
+      --workdir /tmp/sel_digits --out experiments/results/private_selection/digits
+
+The test split is never read. For each seed, a quarter of the private set
+(a fixed coin per record, seed 10000 + seed) becomes the development test
+set; AdaMix (the config's defaults) runs on the other three quarters with
+``adamix.selection_fraction`` 0 (no selection), 0.1 and 0.2 (that fraction
+of them is the validation part, privacy/selection.py), at epsilon 1, 3, 8,
+``--repeats`` times each with fresh coins (the training noise, the split
+and the selection differ between repeats). Writes OUT/selection.json (one
+record per run) and OUT/selection.md (mean development error, its standard
+error, the mean chosen t), each with this command.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from adamix_jax import configs as configs_lib
+from adamix_jax import io
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.experiment.workdir import Workdir
+
+_CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A finished adamix-train workdir of the config (its "
+    "features, splits and public starts are read).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_REPEATS = flags.DEFINE_integer("repeats", 4, "Runs per (seed, epsilon, "
+                                "fraction).")
+_FRACTIONS = (0.0, 0.1, 0.2)
+_EPSILONS = (1.0, 3.0, 8.0)
+_DEV_TEST_FRACTION = 0.25
+
+
+def _development_split(data: recipe_lib.SeedData, seed: int):
+  """The private set without its development test quarter, whose rows
+  become the 'test' set."""
+  held = np.random.default_rng(10_000 + seed).random(
+      len(data.private_y)) < _DEV_TEST_FRACTION
+  return dataclasses.replace(
+      data, private_x=data.private_x[~held], private_y=data.private_y[~held],
+      test_x=data.private_x[held], test_y=data.private_y[held])
+
+
+def _table(rows: list[dict]) -> list[str]:
+  lines = ["| epsilon | " + " | ".join(
+      "no selection" if f == 0 else f"selection, fraction {f}"
+      for f in _FRACTIONS) + " |", "|---|" + "---|" * len(_FRACTIONS)]
+  for eps in _EPSILONS:
+    cells = []
+    for frac in _FRACTIONS:
+      errors = [100 * r["dev_error"] for r in rows
+                if r["epsilon"] == eps and r["fraction"] == frac]
+      cell = (f"{np.mean(errors):.2f} ± "
+              f"{np.std(errors) / np.sqrt(len(errors)):.2f}")
+      if frac:
+        cell += f" (t {np.mean([r['selection_t'] for r in rows if r['epsilon'] == eps and r['fraction'] == frac]):.2f})"
+      cells.append(cell)
+    lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def main(argv):
+  del argv
+  config = configs_lib.load(_CONFIG.value)
+  config.analysis.individual_privacy = False  # selection refuses it
+  workdir = Workdir(_WORKDIR.value)
+  features = stages.load_features(workdir)
+  recipes = {}
+  for fraction in _FRACTIONS:
+    variant = copy.deepcopy(config)
+    variant.adamix.selection_fraction = fraction
+    recipe_lib.validate_config(variant)
+    recipes[fraction] = recipe_lib.make_recipe(variant)
+  rows = []
+  for seed in config.seeds:
+    data = _development_split(stages.load_seed(config, workdir, seed,
+                                               features), seed)
+    for eps in _EPSILONS:
+      for fraction, recipe in recipes.items():
+        for _ in range(_REPEATS.value):
+          run = recipe.train_dp("adamix", eps, seed, data)
+          rows.append({"seed": seed, "epsilon": eps, "fraction": fraction,
+                       "dev_error": recipe.test_error(run.params, data),
+                       "selection_t": run.meta.get("selection_t", 1.0),
+                       "epsilon_spent": run.ledger.epsilon()})
+          print(json.dumps(rows[-1]), flush=True)
+  command = "python -m experiments.private_selection " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  os.makedirs(_OUT.value, exist_ok=True)
+  io.save_json(os.path.join(_OUT.value, "selection.json"),
+               {"command": command, "config": config.to_dict(),
+                "records": rows})
+  lines = [f"# Private model selection on development splits: "
+           f"{configs_lib.label(config)}", "", f"Command: `{command}`", "",
+           f"AdaMix's development error (%), mean ± standard error over seeds "
+           f"{list(config.seeds)} x {_REPEATS.value} repeats; (t) is the mean "
+           "chosen point of w_0 + t (w - w_0). The development test set is a "
+           "quarter of each seed's private set; the test split is not read.",
+           "", *_table(rows)]
+  with open(os.path.join(_OUT.value, "selection.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
