@@ -42,7 +42,9 @@ def get_config():
   config.model.channels = (16, 32)
   config.model.hidden = 64
 
-  # Non-private full-batch AdamW: the public model w_0 and the paragon.
+  # Non-private full-batch AdamW: the public model w_0 and the paragon. Each
+  # step sees every example, so its length is non_private.steps, not
+  # train.epochs (which sets the private runs' T = epochs / q).
   config.non_private = ml_collections.ConfigDict()
   config.non_private.steps = 300
   config.non_private.learning_rate = 1e-2
