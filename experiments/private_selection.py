@@ -13,7 +13,10 @@ of them is the validation part, privacy/selection.py), at epsilon 1, 3, 8,
 ``--repeats`` times each with fresh coins (the training noise, the split
 and the selection differ between repeats). Writes OUT/selection.json (one
 record per run) and OUT/selection.md (mean development error, its standard
-error, the mean chosen t), each with this command.
+error, the mean chosen t), each with this command. ``--fractions 0`` runs
+no selection only; runs without selection also score every point of the
+path on the development quarter (``path_dev_errors``, a diagnostic of
+where on w_0 + t (w - w_0) the good points lie; nothing is released).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from adamix_jax import io
 from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.experiment import stages
 from adamix_jax.experiment.workdir import Workdir
+from adamix_jax.models import linear
+from adamix_jax.privacy import selection as selection_lib
 
 _CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
 _WORKDIR = flags.DEFINE_string(
@@ -42,7 +47,8 @@ _WORKDIR = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Runs per (seed, epsilon, "
                                 "fraction).")
-_FRACTIONS = (0.0, 0.1, 0.2)
+_FRACTIONS_FLAG = flags.DEFINE_list(
+    "fractions", ["0", "0.1", "0.2"], "selection_fraction values to run.")
 _EPSILONS = (1.0, 3.0, 8.0)
 _DEV_TEST_FRACTION = 0.25
 
@@ -58,12 +64,13 @@ def _development_split(data: recipe_lib.SeedData, seed: int):
 
 
 def _table(rows: list[dict]) -> list[str]:
+  fractions = _fractions()
   lines = ["| epsilon | " + " | ".join(
       "no selection" if f == 0 else f"selection, fraction {f}"
-      for f in _FRACTIONS) + " |", "|---|" + "---|" * len(_FRACTIONS)]
+      for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
   for eps in _EPSILONS:
     cells = []
-    for frac in _FRACTIONS:
+    for frac in fractions:
       errors = [100 * r["dev_error"] for r in rows
                 if r["epsilon"] == eps and r["fraction"] == frac]
       cell = (f"{np.mean(errors):.2f} ± "
@@ -75,6 +82,31 @@ def _table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def _fractions() -> tuple[float, ...]:
+  return tuple(float(f) for f in _FRACTIONS_FLAG.value)
+
+
+def _path_table(rows: list[dict]) -> list[str]:
+  """Development error along w_0 + t (w - w_0) without selection: a
+  diagnostic of where on the path the good points lie (every point is
+  scored on the development test quarter; nothing here is a release)."""
+  with_path = [r for r in rows if "path_dev_errors" in r]
+  if not with_path:
+    return []
+  path = with_path[0]["path"]
+  lines = ["", "Development error (%) at each point t of the path, no "
+           "selection (diagnostic):", "",
+           "| epsilon | " + " | ".join(f"t = {t:g}" for t in path) + " |",
+           "|---|" + "---|" * len(path)]
+  for eps in _EPSILONS:
+    errors = np.array([r["path_dev_errors"] for r in with_path
+                       if r["epsilon"] == eps])
+    if errors.size:
+      lines.append(f"| {eps:g} | " + " | ".join(
+          f"{100 * e:.2f}" for e in errors.mean(axis=0)) + " |")
+  return lines
+
+
 def main(argv):
   del argv
   config = configs_lib.load(_CONFIG.value)
@@ -82,7 +114,7 @@ def main(argv):
   workdir = Workdir(_WORKDIR.value)
   features = stages.load_features(workdir)
   recipes = {}
-  for fraction in _FRACTIONS:
+  for fraction in _fractions():
     variant = copy.deepcopy(config)
     variant.adamix.selection_fraction = fraction
     recipe_lib.validate_config(variant)
@@ -99,6 +131,16 @@ def main(argv):
                        "dev_error": recipe.test_error(run.params, data),
                        "selection_t": run.meta.get("selection_t", 1.0),
                        "epsilon_spent": run.ledger.epsilon()})
+          if not fraction:
+            path = [float(t) for t in config.adamix.selection_path]
+            start = (data.public_params if config.adamix.public_init else
+                     linear.zeros(data.private_x.shape[1], data.num_classes))
+            rows[-1]["path"] = path
+            rows[-1]["path_dev_errors"] = [
+                float(linear.error_rate(c, data.test_x, data.test_y))
+                for c in selection_lib.path_candidates(
+                    start, {k: np.asarray(v) for k, v in run.params.items()},
+                    path)]
           print(json.dumps(rows[-1]), flush=True)
   command = "python -m experiments.private_selection " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
@@ -112,7 +154,7 @@ def main(argv):
            f"{list(config.seeds)} x {_REPEATS.value} repeats; (t) is the mean "
            "chosen point of w_0 + t (w - w_0). The development test set is a "
            "quarter of each seed's private set; the test split is not read.",
-           "", *_table(rows)]
+           "", *_table(rows), *_path_table(rows)]
   with open(os.path.join(_OUT.value, "selection.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
