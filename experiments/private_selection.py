@@ -22,7 +22,6 @@ where on w_0 + t (w - w_0) the good points lie; nothing is released).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shlex
@@ -39,6 +38,7 @@ from adamix_jax.experiment import stages
 from adamix_jax.experiment.workdir import Workdir
 from adamix_jax.models import linear
 from adamix_jax.privacy import selection as selection_lib
+from experiments import development
 
 _CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
 _WORKDIR = flags.DEFINE_string(
@@ -50,17 +50,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 4, "Runs per (seed, epsilon, "
 _FRACTIONS_FLAG = flags.DEFINE_list(
     "fractions", ["0", "0.1", "0.2"], "selection_fraction values to run.")
 _EPSILONS = (1.0, 3.0, 8.0)
-_DEV_TEST_FRACTION = 0.25
-
-
-def _development_split(data: recipe_lib.SeedData, seed: int):
-  """The private set without its development test quarter, whose rows
-  become the 'test' set."""
-  held = np.random.default_rng(10_000 + seed).random(
-      len(data.private_y)) < _DEV_TEST_FRACTION
-  return dataclasses.replace(
-      data, private_x=data.private_x[~held], private_y=data.private_y[~held],
-      test_x=data.private_x[held], test_y=data.private_y[held])
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -121,8 +110,8 @@ def main(argv):
     recipes[fraction] = recipe_lib.make_recipe(variant)
   rows = []
   for seed in config.seeds:
-    data = _development_split(stages.load_seed(config, workdir, seed,
-                                               features), seed)
+    data = development.development_split(
+        stages.load_seed(config, workdir, seed, features), seed)
     for eps in _EPSILONS:
       for fraction, recipe in recipes.items():
         for _ in range(_REPEATS.value):

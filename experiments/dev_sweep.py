@@ -1,0 +1,134 @@
+r"""One config field swept on DEVELOPMENT splits (never the test split).
+
+  adamix-train --config digits --workdir /tmp/dev_digits \
+      --config.methods=public_only        # features, splits, public starts
+  python -m experiments.dev_sweep --config digits --workdir /tmp/dev_digits \
+      --key rules.theta --values 0.025,0.05,0.1 --epsilons 1 \
+      --out /tmp/dev_sweep_theta
+
+For each value of ``--key``, each seed of the config, each epsilon and each
+method (``--methods``, default AdaMix and DP-SGD, which share the
+noise-aware rules), ``--repeats`` runs with fresh coins are trained on
+three quarters of the seed's private set and scored on the fourth
+(``experiments/development.py``). This is how a rule's constant is chosen
+without looking at test data. Writes OUT/dev_sweep.json (one record per
+run, the command and the config) and OUT/dev_sweep.md (mean development
+error and its standard error).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from adamix_jax import configs as configs_lib
+from adamix_jax import io
+from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.experiment.workdir import Workdir
+from experiments import development
+
+_CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A finished adamix-train workdir of the config (its "
+    "features, splits and public starts are read).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_KEY = flags.DEFINE_string("key", None, "Dotted config field to sweep, e.g. "
+                           "rules.theta.", required=True)
+_VALUES = flags.DEFINE_list("values", None, "Its values.", required=True)
+_EPSILONS = flags.DEFINE_list("epsilons", ["1", "3", "8"], "Target epsilons.")
+_METHODS = flags.DEFINE_list("methods", ["adamix", "dp_sgd"],
+                             "Private methods (recipe.train_dp names).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Runs per (value, seed, "
+                                "epsilon, method).")
+
+
+def _with_value(config, key: str, text: str):
+  """A copy of config with key set to text, cast to the field's type."""
+  variant = copy.deepcopy(config)
+  *parents, leaf = key.split(".")
+  node = variant
+  for name in parents:
+    if name not in node:
+      raise ValueError(f"--key {key}: the config has no field {name!r}.")
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--key {key}: the config has no field {leaf!r}.")
+  current = node[leaf]
+  if isinstance(current, bool):
+    value = text.lower() in ("1", "true", "yes")
+  elif isinstance(current, (int, float, str)):
+    value = type(current)(text)
+  else:
+    raise ValueError(f"--key {key}: only bool, int, float and str fields can "
+                     f"be swept (it holds {type(current).__name__}).")
+  node[leaf] = value
+  recipe_lib.validate_config(variant)
+  return variant, value
+
+
+def main(argv):
+  del argv
+  config = configs_lib.load(_CONFIG.value)
+  epsilons = [float(e) for e in _EPSILONS.value]
+  variants = [_with_value(config, _KEY.value, v) for v in _VALUES.value]
+  workdir = Workdir(_WORKDIR.value)
+  features = stages.load_features(workdir)
+  rows = []
+  for seed in config.seeds:
+    data = development.development_split(
+        stages.load_seed(config, workdir, seed, features), seed)
+    for variant, value in variants:
+      recipe = recipe_lib.make_recipe(variant)
+      for eps in epsilons:
+        for method in _METHODS.value:
+          for _ in range(_REPEATS.value):
+            run = recipe.train_dp(method, eps, seed, data)
+            rows.append({"value": value, "seed": seed, "epsilon": eps,
+                         "method": method,
+                         "dev_error": recipe.test_error(run.params, data),
+                         "steps": run.meta.get("steps"),
+                         "epsilon_spent": run.ledger.epsilon()})
+            print(json.dumps(rows[-1]), flush=True)
+  command = "python -m experiments.dev_sweep " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  os.makedirs(_OUT.value, exist_ok=True)
+  io.save_json(os.path.join(_OUT.value, "dev_sweep.json"),
+               {"command": command, "config": config.to_dict(),
+                "records": rows})
+  lines = [f"# {_KEY.value} on development splits: "
+           f"{configs_lib.label(config)}", "", f"Command: `{command}`", "",
+           f"Development error (%), mean ± standard error over seeds "
+           f"{list(config.seeds)} x {_REPEATS.value} repeats. The development "
+           "test set is a quarter of each seed's private set; the test split "
+           "is not read.", "",
+           "| method | epsilon | " + " | ".join(
+               f"{_KEY.value} = {v}" for _, v in variants) + " |",
+           "|---|---|" + "---|" * len(variants)]
+  for method in _METHODS.value:
+    for eps in epsilons:
+      cells = []
+      for _, value in variants:
+        errors = [100 * r["dev_error"] for r in rows if r["value"] == value
+                  and r["epsilon"] == eps and r["method"] == method]
+        cells.append(f"{np.mean(errors):.2f} ± "
+                     f"{np.std(errors) / np.sqrt(len(errors)):.2f}")
+      lines.append(f"| {method} | {eps:g} | " + " | ".join(cells) + " |")
+  with open(os.path.join(_OUT.value, "dev_sweep.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
