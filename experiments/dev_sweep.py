@@ -20,19 +20,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shlex
-import sys
 
 from absl import app
 from absl import flags
-import numpy as np
 
 from adamix_jax import configs as configs_lib
-from adamix_jax import io
 from adamix_jax.experiment import recipe as recipe_lib
-from adamix_jax.experiment import stages
-from adamix_jax.experiment.workdir import Workdir
 from experiments import development
 
 _CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
@@ -79,12 +72,8 @@ def main(argv):
   config = configs_lib.load(_CONFIG.value)
   epsilons = [float(e) for e in _EPSILONS.value]
   variants = [_with_value(config, _KEY.value, v) for v in _VALUES.value]
-  workdir = Workdir(_WORKDIR.value)
-  features = stages.load_features(workdir)
   rows = []
-  for seed in config.seeds:
-    data = development.development_split(
-        stages.load_seed(config, workdir, seed, features), seed)
+  for seed, data in development.seeds(config, _WORKDIR.value):
     for variant, value in variants:
       recipe = recipe_lib.make_recipe(variant)
       for eps in epsilons:
@@ -97,33 +86,23 @@ def main(argv):
                          "steps": run.meta.get("steps"),
                          "epsilon_spent": run.ledger.epsilon()})
             print(json.dumps(rows[-1]), flush=True)
-  command = "python -m experiments.dev_sweep " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
-  os.makedirs(_OUT.value, exist_ok=True)
-  io.save_json(os.path.join(_OUT.value, "dev_sweep.json"),
-               {"command": command, "config": config.to_dict(),
-                "records": rows})
-  lines = [f"# {_KEY.value} on development splits: "
-           f"{configs_lib.label(config)}", "", f"Command: `{command}`", "",
-           f"Development error (%), mean ± standard error over seeds "
-           f"{list(config.seeds)} x {_REPEATS.value} repeats. The development "
-           "test set is a quarter of each seed's private set; the test split "
-           "is not read.", "",
-           "| method | epsilon | " + " | ".join(
-               f"{_KEY.value} = {v}" for _, v in variants) + " |",
-           "|---|---|" + "---|" * len(variants)]
+  body = [f"Development error (%), mean ± standard error over seeds "
+          f"{list(config.seeds)} x {_REPEATS.value} repeats. The development "
+          "test set is a quarter of each seed's private set; the test split "
+          "is not read.", "",
+          "| method | epsilon | " + " | ".join(
+              f"{_KEY.value} = {v}" for _, v in variants) + " |",
+          "|---|---|" + "---|" * len(variants)]
   for method in _METHODS.value:
     for eps in epsilons:
-      cells = []
-      for _, value in variants:
-        errors = [100 * r["dev_error"] for r in rows if r["value"] == value
-                  and r["epsilon"] == eps and r["method"] == method]
-        cells.append(f"{np.mean(errors):.2f} ± "
-                     f"{np.std(errors) / np.sqrt(len(errors)):.2f}")
-      lines.append(f"| {method} | {eps:g} | " + " | ".join(cells) + " |")
-  with open(os.path.join(_OUT.value, "dev_sweep.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+      cells = [development.mean_and_error(
+          [100 * r["dev_error"] for r in rows if r["value"] == value
+           and r["epsilon"] == eps and r["method"] == method])
+               for _, value in variants]
+      body.append(f"| {method} | {eps:g} | " + " | ".join(cells) + " |")
+  development.write_outputs(_OUT.value, "dev_sweep", "experiments.dev_sweep",
+                            config, rows, f"{_KEY.value} on development "
+                            "splits", body)
 
 
 def run() -> None:

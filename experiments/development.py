@@ -9,10 +9,17 @@ so every experiment that uses it scores on the same rows.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+import sys
 
 import numpy as np
 
+from adamix_jax import configs as configs_lib
+from adamix_jax import io
 from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.experiment import stages
+from adamix_jax.experiment.workdir import Workdir
 
 DEV_TEST_FRACTION = 0.25
 
@@ -26,3 +33,35 @@ def development_split(data: recipe_lib.SeedData,
   return dataclasses.replace(
       data, private_x=data.private_x[~held], private_y=data.private_y[~held],
       test_x=data.private_x[held], test_y=data.private_y[held])
+
+
+def seeds(config, workdir_path: str):
+  """(seed, development SeedData) for each seed of config, from a finished
+  ``adamix-train`` workdir of it (features, splits and public starts)."""
+  workdir = Workdir(workdir_path)
+  features = stages.load_features(workdir)
+  for seed in config.seeds:
+    yield seed, development_split(
+        stages.load_seed(config, workdir, seed, features), seed)
+
+
+def mean_and_error(values) -> str:
+  """'mean ± standard error' of a list of percentages."""
+  return f"{np.mean(values):.2f} ± {np.std(values) / np.sqrt(len(values)):.2f}"
+
+
+def write_outputs(out: str, stem: str, module: str, config, rows: list[dict],
+                  title: str, body: list[str]) -> None:
+  """OUT/stem.json (command, config, records) and OUT/stem.md (title, the
+  command, body), the command being this process's ``python -m module``."""
+  command = f"python -m {module} " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  os.makedirs(out, exist_ok=True)
+  io.save_json(os.path.join(out, f"{stem}.json"),
+               {"command": command, "config": config.to_dict(),
+                "records": rows})
+  lines = [f"# {title}: {configs_lib.label(config)}", "",
+           f"Command: `{command}`", "", *body]
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))

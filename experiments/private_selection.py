@@ -23,19 +23,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shlex
-import sys
 
 from absl import app
 from absl import flags
 import numpy as np
 
 from adamix_jax import configs as configs_lib
-from adamix_jax import io
 from adamix_jax.experiment import recipe as recipe_lib
-from adamix_jax.experiment import stages
-from adamix_jax.experiment.workdir import Workdir
 from adamix_jax.models import linear
 from adamix_jax.privacy import selection as selection_lib
 from experiments import development
@@ -62,8 +56,7 @@ def _table(rows: list[dict]) -> list[str]:
     for frac in fractions:
       errors = [100 * r["dev_error"] for r in rows
                 if r["epsilon"] == eps and r["fraction"] == frac]
-      cell = (f"{np.mean(errors):.2f} ± "
-              f"{np.std(errors) / np.sqrt(len(errors)):.2f}")
+      cell = development.mean_and_error(errors)
       if frac:
         cell += f" (t {np.mean([r['selection_t'] for r in rows if r['epsilon'] == eps and r['fraction'] == frac]):.2f})"
       cells.append(cell)
@@ -100,8 +93,6 @@ def main(argv):
   del argv
   config = configs_lib.load(_CONFIG.value)
   config.analysis.individual_privacy = False  # selection refuses it
-  workdir = Workdir(_WORKDIR.value)
-  features = stages.load_features(workdir)
   recipes = {}
   for fraction in _fractions():
     variant = copy.deepcopy(config)
@@ -109,9 +100,7 @@ def main(argv):
     recipe_lib.validate_config(variant)
     recipes[fraction] = recipe_lib.make_recipe(variant)
   rows = []
-  for seed in config.seeds:
-    data = development.development_split(
-        stages.load_seed(config, workdir, seed, features), seed)
+  for seed, data in development.seeds(config, _WORKDIR.value):
     for eps in _EPSILONS:
       for fraction, recipe in recipes.items():
         for _ in range(_REPEATS.value):
@@ -131,22 +120,14 @@ def main(argv):
                     start, {k: np.asarray(v) for k, v in run.params.items()},
                     path)]
           print(json.dumps(rows[-1]), flush=True)
-  command = "python -m experiments.private_selection " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
-  os.makedirs(_OUT.value, exist_ok=True)
-  io.save_json(os.path.join(_OUT.value, "selection.json"),
-               {"command": command, "config": config.to_dict(),
-                "records": rows})
-  lines = [f"# Private model selection on development splits: "
-           f"{configs_lib.label(config)}", "", f"Command: `{command}`", "",
-           f"AdaMix's development error (%), mean ± standard error over seeds "
-           f"{list(config.seeds)} x {_REPEATS.value} repeats; (t) is the mean "
-           "chosen point of w_0 + t (w - w_0). The development test set is a "
-           "quarter of each seed's private set; the test split is not read.",
-           "", *_table(rows), *_path_table(rows)]
-  with open(os.path.join(_OUT.value, "selection.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  development.write_outputs(
+      _OUT.value, "selection", "experiments.private_selection", config, rows,
+      "Private model selection on development splits",
+      [f"AdaMix's development error (%), mean ± standard error over seeds "
+       f"{list(config.seeds)} x {_REPEATS.value} repeats; (t) is the mean "
+       "chosen point of w_0 + t (w - w_0). The development test set is a "
+       "quarter of each seed's private set; the test split is not read.",
+       "", *_table(rows), *_path_table(rows)])
 
 
 def run() -> None:
