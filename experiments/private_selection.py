@@ -111,8 +111,7 @@ def main(argv):
                        "epsilon_spent": run.ledger.epsilon()})
           if not fraction:
             path = [float(t) for t in config.adamix.selection_path]
-            start = (data.public_params if config.adamix.public_init else
-                     linear.zeros(data.private_x.shape[1], data.num_classes))
+            start = recipe.path_start(data)
             rows[-1]["path"] = path
             rows[-1]["path_dev_errors"] = [
                 float(linear.error_rate(c, data.test_x, data.test_y))

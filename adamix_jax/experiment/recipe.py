@@ -40,6 +40,7 @@ from adamix_jax.privacy import randomness
 from adamix_jax.privacy import selection as selection_lib
 from adamix_jax.train import checkpoint as checkpoint_lib
 from adamix_jax.train import fit as fit_lib
+from adamix_jax.train import placement as placement_lib
 
 METHODS = ("paragon", "public_only", "dp_sgd", "pillar", "dp_prototypes",
            "adamix", "zero_noise")
@@ -551,11 +552,14 @@ class LinearHeadRecipe:
 
     def train(checkpointer):
       # With private selection the validation split comes from the run's
-      # coins: a resume takes the checkpoint's, so no record changes part.
+      # coins, so they are fixed before fit() would fix them: a resume takes
+      # the checkpoint's (no record changes part), and on a pod every host
+      # takes process 0's (one split, the one fit() trains on).
       run_coins = coins
       if fraction:
         saved = checkpointer.saved_coins() if checkpointer else None
-        run_coins = saved or run_coins or randomness.MechanismCoins.fresh()
+        run_coins = placement_lib.placement_for(mesh).share_coins(
+            saved or run_coins or randomness.MechanismCoins.fresh())
       held_out = (None if not fraction else selection_lib.validation_mask(
           len(data.private_y), fraction, run_coins))
       fit_data = data if held_out is None else dataclasses.replace(
@@ -584,6 +588,12 @@ class LinearHeadRecipe:
                            **plan.info, **info})
     return DPRun(params, ledger, meta, individual=recorder)
 
+  def path_start(self, data: SeedData) -> dict:
+    """w_0 of AdaMix's path w_0 + t (w - w_0): the public model, or zero
+    without ``adamix.public_init``."""
+    return (data.public_params if self.config.adamix.public_init
+            else linear.zeros(data.private_x.shape[1], data.num_classes))
+
   def _select(self, params, data: SeedData, held_out: np.ndarray,
               epsilon: float, coins, ledger) -> tuple[dict, dict]:
     """Private model selection (``privacy.selection``): the candidates
@@ -591,10 +601,9 @@ class LinearHeadRecipe:
     report-noisy-max at ``epsilon`` on the validation part's error counts
     (disjoint records: parallel composition, recorded in the ledger)."""
     path = tuple(float(t) for t in self.config.adamix.selection_path)
-    start = (data.public_params if self.config.adamix.public_init
-             else linear.zeros(data.private_x.shape[1], data.num_classes))
     candidates = selection_lib.path_candidates(
-        start, {k: np.asarray(v) for k, v in params.items()}, path)
+        self.path_start(data), {k: np.asarray(v) for k, v in params.items()},
+        path)
     val_x, val_y = data.private_x[held_out], data.private_y[held_out]
     index = selection_lib.select_on_validation(
         candidates,

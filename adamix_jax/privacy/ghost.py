@@ -786,6 +786,27 @@ def ghost_clipped_grad_sum(model: nn.Module,
   return mechanism.clipped_sum(contributions, clip_norm, mask)
 
 
+def projected_coefficients(model: nn.Module,
+                           params: PyTree,
+                           batch: tuple[jax.Array, jax.Array],
+                           basis: jax.Array | PyTree,
+                           loss: LogitLoss = softmax_cross_entropy,
+                           *,
+                           form: str = AUTO,
+                           apply_kwargs: Optional[dict] = None,
+                           variables: Optional[dict] = None,
+                           examples_per_pass: Optional[int] = None
+                           ) -> jax.Array:
+  """(B, k): <g_i, v_j> from the capture, ``examples_per_pass`` examples at
+  a time (the unfolded patches and cotangents held at once shrink by
+  B / examples_per_pass; the coefficients are the same). Unclipped."""
+  return per_example.map_example_slices(
+      lambda part: capture(model, params, part, loss, form=form,
+                           apply_kwargs=apply_kwargs,
+                           variables=variables).project(basis),
+      batch, examples_per_pass)
+
+
 def ghost_clipped_projection_sum(model: nn.Module,
                                  params: PyTree,
                                  batch: tuple[jax.Array, jax.Array],
@@ -802,15 +823,9 @@ def ghost_clipped_projection_sum(model: nn.Module,
   """AdaMix: sum_i clip_C(V^T g_i), a k-vector, without per-example gradients.
 
   Equals the vmap backend projected onto ``basis`` (``adamix.transform.projector``): project THEN clip, so the projection cannot carry an example
-  past the bound. ``examples_per_pass``: capture and project that many
-  examples at a time (the unfolded patches and cotangents held at once
-  shrink by B / examples_per_pass; the coefficients are the same).
+  past the bound. ``examples_per_pass``: see ``projected_coefficients``.
   """
-  def coefficients_of(part):
-    return capture(model, params, part, loss, form=form,
-                   apply_kwargs=apply_kwargs,
-                   variables=variables).project(basis)
-
-  coefficients = per_example.map_example_slices(coefficients_of, batch,
-                                                examples_per_pass)
+  coefficients = projected_coefficients(
+      model, params, batch, basis, loss, form=form, apply_kwargs=apply_kwargs,
+      variables=variables, examples_per_pass=examples_per_pass)
   return per_example.clipped_sum(coefficients, clip_norm, mask)

@@ -90,18 +90,20 @@ class MechanismCoins:
     """The Poisson sampler's seed (``PoissonSampler(seed=...)``); secret."""
     if self.insecure:
       return self.insecure_seed
-    words = np.random.SeedSequence(
-        int(self.entropy), spawn_key=(_SAMPLER_STREAM,)).generate_state(_WORDS)
-    return int.from_bytes(words.astype("<u4").tobytes(), "little")
+    return self._stream_seed(_SAMPLER_STREAM)
 
   @property
   def selection_seed(self) -> int:
     """The seed of the private selection's coins (``privacy.selection``:
     the per-record validation split, then its Gumbel noise); secret
     (derived from the public seed in the insecure mode, like the rest)."""
+    return self._stream_seed(_SELECTION_STREAM)
+
+  def _stream_seed(self, stream: int) -> int:
+    """ENTROPY_BITS of the child stream ``stream`` of the entropy: streams
+    never overlap, so no two uses share a coin."""
     words = np.random.SeedSequence(
-        int(self.entropy),
-        spawn_key=(_SELECTION_STREAM,)).generate_state(_WORDS)
+        int(self.entropy), spawn_key=(stream,)).generate_state(_WORDS)
     return int.from_bytes(words.astype("<u4").tobytes(), "little")
 
   def noise_key(self) -> jax.Array:

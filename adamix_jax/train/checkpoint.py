@@ -188,8 +188,9 @@ class RunCheckpointer:
         coins=randomness.MechanismCoins.from_array(np.asarray(coins)))
 
   def saved_coins(self) -> Optional[randomness.MechanismCoins]:
-    """The coins of the latest checkpoint (None without one): diagnostics
-    and tests; they are as secret as the data."""
+    """The coins of the latest checkpoint (None without one), for a caller
+    that must fix the run's coins before ``fit`` resumes it (the private
+    selection's split); they are as secret as the data."""
     step = self.latest_step()
     if step is None:
       return None

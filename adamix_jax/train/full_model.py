@@ -108,9 +108,9 @@ def contributions_fn(loss_fn: ExampleLoss, params: PyTree, batch: PyTree,
       return ghost.capture(model, params, local_batch)
     if basis is not None and projection_method == "ghost":
       return per_example.PerExampleGradients.create(
-          per_example.map_example_slices(
-              lambda part: ghost.capture(model, params, part).project(basis),
-              local_batch, flags.microbatch_size))
+          ghost.projected_coefficients(
+              model, params, local_batch, basis,
+              examples_per_pass=flags.microbatch_size))
     if basis is not None and projection_method == "jvp":
       return per_example.PerExampleGradients.create(
           projection.jvp_coefficients(

@@ -230,9 +230,9 @@ def ghost_sum(model, examples_per_pass=None):
     if basis is None:
       return ghost.capture(model, params, batch)
     return per_example.PerExampleGradients.create(
-        per_example.map_example_slices(
-            lambda part: ghost.capture(model, params, part).project(basis),
-            batch, _examples_per_pass(examples_per_pass, batch)))
+        ghost.projected_coefficients(
+            model, params, batch, basis,
+            examples_per_pass=_examples_per_pass(examples_per_pass, batch)))
   return fn
 
 
