@@ -14,6 +14,8 @@ run):
   the full space when it fits, and fixes the public scale the clip norm
   refers to;
 * the schedule shortens with the noise and stays in [min_steps, max_steps];
+  a truncated public subspace (AdaMix's high-noise geometry, PILLAR's)
+  takes subspace_kappa, every other geometry (DP-SGD's included) kappa;
   the public weight reduces to the paper's n / (n + N) at sigma = 0 and
   trust 1, grows with the noise, and is 0 without public examples;
 * DP class prototypes release ONE Gaussian sum: bounded sensitivity sqrt(2)
@@ -164,6 +166,58 @@ def test_noise_aware_schedule_shortens_with_noise_and_stays_in_range():
                               RULES)[0] == RULES.max_steps
 
 
+def test_noise_aware_schedule_takes_subspace_kappa_in_a_truncated_geometry():
+  rng = np.random.default_rng(3)
+  public_z = np.asarray(linear.augment(_unit_rows(rng, 50, 20)))
+  rules = dataclasses.replace(RULES, kappa=30.0, subspace_kappa=10.0,
+                              max_steps=10**6)
+  full, eta = noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules)
+  sub, eta_sub = noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
+                                      "subspace")
+  assert eta_sub == eta
+  # tau = kappa N / (sigma_1 C sqrt(D c)), T = tau / eta (rounded).
+  tau = 30.0 * 2000 / (2.0 * rules.clip_norm * math.sqrt(21 * 10))
+  assert full == round(tau / eta)
+  assert sub == round(tau / 3.0 / eta)
+  assert noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
+                              "pca")[0] == sub
+  for other in ("full", "none"):
+    assert noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
+                                other)[0] == full
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_noise_aware_subspace_kappa_moves_only_truncated_subspace_plans(
+    epsilon):
+  # High noise (epsilon 1, few private examples): AdaMix keeps a truncated
+  # subspace; low noise (epsilon 8, many): the full whitened space.
+  data = _seed_data(np.random.default_rng(5), dim=64,
+                    num_private=300 if epsilon == 1.0 else 20000)
+  base = _recipe()
+  config = base.config.copy_and_resolve_references()
+  config.rules.subspace_kappa = config.rules.kappa / 4
+  config.rules.min_steps = 1
+  config.rules.max_steps = 10**6
+  halved = recipe_lib.make_recipe(config)
+  wide = config.copy_and_resolve_references()
+  wide.rules.subspace_kappa = wide.rules.kappa
+  same = recipe_lib.make_recipe(wide)
+  adamix = halved.plan("adamix", epsilon, data)
+  reference = same.plan("adamix", epsilon, data)
+  if epsilon == 1.0:
+    assert adamix.info["geometry"] == "subspace"
+    assert adamix.steps == pytest.approx(reference.steps / 4, abs=1)
+  else:
+    assert adamix.info["geometry"] == "full"
+    assert adamix.steps == reference.steps
+  assert (halved.plan("dp_sgd", epsilon, data).steps ==
+          same.plan("dp_sgd", epsilon, data).steps)
+  pillar = halved.plan("pillar", epsilon, data)
+  assert pillar.info["geometry"] == "pca"
+  assert pillar.steps == pytest.approx(
+      same.plan("pillar", epsilon, data).steps / 4, abs=1)
+
+
 def test_noise_aware_public_weight_limits():
   full_trust = dataclasses.replace(RULES, public_trust=1.0)
   assert noise_aware.public_gradient_weight(
@@ -176,6 +230,7 @@ def test_noise_aware_public_weight_limits():
 
 
 @pytest.mark.parametrize("field,value", [("clip_norm", 0.0), ("theta", -1.0),
+                                         ("subspace_kappa", 0.0),
                                          ("public_trust", 1.5),
                                          ("min_steps", 0),
                                          ("max_steps", 5)])

@@ -32,7 +32,12 @@ gradient, step eta, T steps, the average of the last half released.
    estimated on public data); the "time" tau = eta T = kappa N / (sigma_1 C
    sqrt(D_z c)) (early stopping: noise accumulates in flat directions in
    proportion to tau, so tau shrinks with the noise); T clipped to
-   [min_steps, max_steps]. Full batch: with q = 1 the privacy cost does not
+   [min_steps, max_steps]. kappa is the parameter-noise norm the run may
+   accumulate before it stops, so it scales with the size of the
+   correction the geometry can learn: in a truncated top-k subspace (the
+   high-noise case) only the part of the correction inside it is
+   learnable and every kept direction is stiff (fitted in a few
+   relaxation times), so it gets the smaller ``subspace_kappa``. Full batch: with q = 1 the privacy cost does not
    depend on T (T Gaussian releases compose to one), and it has the least
    noise per averaged gradient at a given epsilon under PLD.
 3. Public gradient weight (``public_gradient_weight``): both mean gradients
@@ -59,6 +64,10 @@ import numpy as np
 from adamix_jax.privacy import accounting
 
 GEOMETRIES = ("whitened", "none")
+# Geometry.kind values that are a truncated public subspace (AdaMix's top-k
+# whitened directions, PILLAR's top-k principal directions): their schedule
+# takes rules.subspace_kappa.
+TRUNCATED_KINDS = ("subspace", "pca")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +78,10 @@ class Rules:
     clip_norm: C, in units where public ||z||^2 ~ 2 (the largest per-example
       gradient norm is about 2).
     theta: the budget of the released noise norm nu(k).
-    kappa: tau = kappa N / (sigma_1 C sqrt(D_z c)).
+    kappa: tau = kappa N / (sigma_1 C sqrt(D_z c)) in a full geometry.
+    subspace_kappa: kappa in a truncated public subspace (AdaMix's top-k
+      whitened directions when the full space does not fit under theta;
+      PILLAR's top-k principal directions).
     ridge: rho of the whitening, in units of tr(S) / D.
     public_trust: the fraction of the inverse-variance public weight used.
     min_steps, max_steps: T is clipped to this range (max_steps also when
@@ -79,13 +91,14 @@ class Rules:
   clip_norm: float = 0.5
   theta: float = 0.05
   kappa: float = 30.0
+  subspace_kappa: float = 15.0
   ridge: float = 10.0
   public_trust: float = 0.5
   min_steps: int = 20
   max_steps: int = 1000
 
   def __post_init__(self):
-    for name in ("clip_norm", "theta", "kappa", "ridge"):
+    for name in ("clip_norm", "theta", "kappa", "subspace_kappa", "ridge"):
       if not getattr(self, name) > 0:
         raise ValueError(f"rules.{name} must be > 0, got "
                          f"{getattr(self, name)}.")
@@ -197,14 +210,21 @@ def smoothness(public_z: Optional[np.ndarray]) -> float:
 
 
 def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
-             num_private: int, num_classes: int,
-             rules: Rules) -> tuple[int, float]:
-  """(T, eta) of rule 2: eta = 1/(2L), T = tau / eta clipped."""
+             num_private: int, num_classes: int, rules: Rules,
+             geometry: str = "full") -> tuple[int, float]:
+  """(T, eta) of rule 2: eta = 1/(2L), T = tau / eta clipped.
+
+  ``geometry`` is the ``Geometry.kind`` the run trains in: a truncated
+  public subspace (``TRUNCATED_KINDS``) takes ``rules.subspace_kappa``,
+  anything else (the full whitened space, DP-SGD's x~) ``rules.kappa``.
+  """
   eta = 1.0 / (2.0 * smoothness(public_z))
   if sigma_1 == 0:
     return rules.max_steps, eta
-  tau = rules.kappa * num_private / (sigma_1 * rules.clip_norm *
-                                     math.sqrt(dim * num_classes))
+  kappa = (rules.subspace_kappa if geometry in TRUNCATED_KINDS else
+           rules.kappa)
+  tau = kappa * num_private / (sigma_1 * rules.clip_norm *
+                               math.sqrt(dim * num_classes))
   steps = int(min(max(round(tau / eta), rules.min_steps), rules.max_steps))
   return steps, eta
 

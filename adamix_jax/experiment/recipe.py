@@ -444,9 +444,10 @@ class LinearHeadRecipe:
     sigma_1 = (0.0 if epsilon is None else
                noise_aware.single_release_sigma(epsilon, config.delta))
 
-    def full_batch(public_z, dim_z, inputs, feature_map=None, **step):
+    def full_batch(public_z, dim_z, inputs, feature_map=None,
+                   geometry="full", **step):
       steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
-                                        rules)
+                                        rules, geometry)
       sigma = 0.0 if epsilon is None else (
           accounting.calibrate_noise_multiplier(
               float(epsilon), float(config.delta), 1.0, steps))
@@ -466,7 +467,8 @@ class LinearHeadRecipe:
                                                   n_priv, c, rules)
       plan = full_batch(public_x_aug @ geometry.feature_map, geometry.dim,
                         dict(anchor_params=zeros, **no_public),
-                        feature_map=geometry.feature_map)
+                        feature_map=geometry.feature_map,
+                        geometry=geometry.kind)
       plan.info["geometry"] = geometry.kind
       return plan
     if method != "adamix":
@@ -479,7 +481,7 @@ class LinearHeadRecipe:
       feature_map, kind = geometry.feature_map, geometry.kind
       public_z, dim_z = public_x_aug @ feature_map, geometry.dim
     plan = full_batch(
-        public_z, dim_z, inputs, feature_map=feature_map,
+        public_z, dim_z, inputs, feature_map=feature_map, geometry=kind,
         adaptive_threshold=adamix.adaptive_threshold,
         threshold_quantile=adamix.threshold_quantile,
         public_weight=self.public_weight(data, sigma_1, dim_z),
