@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
-import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -114,8 +111,7 @@ def main(argv):
   if unknown:
     raise cli.UserError(f"Unknown variants {unknown}; known: "
                         f"{list(VARIANTS)}")
-  command = "python -m experiments.ablation " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  command = cli.typed_command("python -m " + PROG)
   reused = {}
   if _MAIN_WORKDIR.value:
     reused = main_run_means(base, _MAIN_WORKDIR.value)
@@ -187,13 +183,8 @@ def main(argv):
 
 
 def run() -> None:
-  cli.configure_xla()
-  sys.argv = cli.report_errors(PROG, cli.resolve_config_names, sys.argv)
-  cli.report_errors(PROG, cli.define_config_flag, sys.argv,
-                    "Dataset config: a packaged name or a config file.")
-  flags.declare_key_flag("config")  # listed by --help
-  app.run(lambda argv: cli.report_errors(PROG, main, argv),
-          flags_parser=cli.flags_parser(PROG))
+  cli.run_with_config(PROG, main, "Dataset config: a packaged name or a "
+                      "config file.")
 
 
 if __name__ == "__main__":

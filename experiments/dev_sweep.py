@@ -10,8 +10,11 @@ For each value of ``--key``, each seed of the config, each epsilon and each
 method (``--methods``, default AdaMix and DP-SGD, which share the
 noise-aware rules), ``--repeats`` runs with fresh coins are trained on
 three quarters of the seed's private set and scored on the fourth
-(``experiments/development.py``). This is how a rule's constant is chosen
-without looking at test data. Writes OUT/dev_sweep.json (one record per
+(``experiments/development.py``), by default at the epsilon that gives the
+development split the full set's noise-to-size ratio sigma_1 / N
+(``--match_full_set``: the rules then pick the regime of the run the split
+stands for). This is how a rule's constant is chosen without looking at
+test data. Writes OUT/dev_sweep.json (one record per
 run, the command and the config) and OUT/dev_sweep.md (mean development
 error and its standard error).
 """
@@ -21,14 +24,15 @@ from __future__ import annotations
 import copy
 import json
 
-from absl import app
 from absl import flags
+import numpy as np
 
 from adamix_jax import configs as configs_lib
 from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.launch import cli
 from experiments import development
 
-_CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
+PROG = "experiments.dev_sweep"
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A finished adamix-train workdir of the config (its "
     "features, splits and public starts are read).", required=True)
@@ -41,6 +45,11 @@ _METHODS = flags.DEFINE_list("methods", ["adamix", "dp_sgd"],
                              "Private methods (recipe.train_dp names).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Runs per (value, seed, "
                                 "epsilon, method).")
+_MATCH = flags.DEFINE_bool(
+    "match_full_set", True, "Run each target epsilon at the development "
+    "epsilon with the full private set's sigma_1 / N "
+    "(development.matched_epsilon), so that the rules pick the regime of "
+    "the run it stands for; --nomatch_full_set runs the epsilon as given.")
 
 
 def _with_value(config, key: str, text: str):
@@ -50,18 +59,18 @@ def _with_value(config, key: str, text: str):
   node = variant
   for name in parents:
     if name not in node:
-      raise ValueError(f"--key {key}: the config has no field {name!r}.")
+      raise cli.UserError(f"--key {key}: the config has no field {name!r}.")
     node = node[name]
   if leaf not in node:
-    raise ValueError(f"--key {key}: the config has no field {leaf!r}.")
+    raise cli.UserError(f"--key {key}: the config has no field {leaf!r}.")
   current = node[leaf]
   if isinstance(current, bool):
     value = text.lower() in ("1", "true", "yes")
   elif isinstance(current, (int, float, str)):
     value = type(current)(text)
   else:
-    raise ValueError(f"--key {key}: only bool, int, float and str fields can "
-                     f"be swept (it holds {type(current).__name__}).")
+    raise cli.UserError(f"--key {key}: only bool, int, float and str fields "
+                        f"can be swept (it holds {type(current).__name__}).")
   node[leaf] = value
   recipe_lib.validate_config(variant)
   return variant, value
@@ -69,7 +78,8 @@ def _with_value(config, key: str, text: str):
 
 def main(argv):
   del argv
-  config = configs_lib.load(_CONFIG.value)
+  config = flags.FLAGS.config
+  configs_lib.split_comma_lists(config)
   epsilons = [float(e) for e in _EPSILONS.value]
   variants = [_with_value(config, _KEY.value, v) for v in _VALUES.value]
   rows = []
@@ -77,19 +87,32 @@ def main(argv):
     for variant, value in variants:
       recipe = recipe_lib.make_recipe(variant)
       for eps in epsilons:
+        run_eps = eps
+        if _MATCH.value:
+          run_eps = development.matched_epsilon(
+              eps, float(config.delta), len(data.private_y),
+              len(data.private_y) + len(data.test_y))
         for method in _METHODS.value:
           for _ in range(_REPEATS.value):
-            run = recipe.train_dp(method, eps, seed, data)
+            run = recipe.train_dp(method, run_eps, seed, data)
             rows.append({"value": value, "seed": seed, "epsilon": eps,
-                         "method": method,
+                         "dev_epsilon": run_eps, "method": method,
                          "dev_error": recipe.test_error(run.params, data),
                          "steps": run.meta.get("steps"),
                          "epsilon_spent": run.ledger.epsilon()})
             print(json.dumps(rows[-1]), flush=True)
+  matched = "Each epsilon was run as given (--nomatch_full_set). "
+  if _MATCH.value:
+    dev_eps = {e: np.mean([r["dev_epsilon"] for r in rows
+                           if r["epsilon"] == e]) for e in epsilons}
+    matched = ("Each epsilon is the target: the runs used the development "
+               "epsilon with the full private set's sigma_1 / N (mean " +
+               ", ".join(f"{e:g} -> {d:.2f}" for e, d in dev_eps.items()) +
+               "). ")
   body = [f"Development error (%), mean ± standard error over seeds "
           f"{list(config.seeds)} x {_REPEATS.value} repeats. The development "
           "test set is a quarter of each seed's private set; the test split "
-          "is not read.", "",
+          "is not read. " + matched, "",
           "| method | epsilon | " + " | ".join(
               f"{_KEY.value} = {v}" for _, v in variants) + " |",
           "|---|---|" + "---|" * len(variants)]
@@ -106,7 +129,9 @@ def main(argv):
 
 
 def run() -> None:
-  app.run(main)
+  cli.run_with_config(PROG, main, "Dataset config: a packaged name or a "
+                      "config file; --config.FIELD=VALUE overrides a field "
+                      "(e.g. --config.private_per_class=500).")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
-import sys
 
 import numpy as np
 
 from adamix_jax import configs as configs_lib
 from adamix_jax import io
+from adamix_jax.adamix import noise_aware
 from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.experiment import stages
 from adamix_jax.experiment.workdir import Workdir
+from adamix_jax.launch import cli
+from adamix_jax.privacy import accounting
 
 DEV_TEST_FRACTION = 0.25
 
@@ -33,6 +34,26 @@ def development_split(data: recipe_lib.SeedData,
   return dataclasses.replace(
       data, private_x=data.private_x[~held], private_y=data.private_y[~held],
       test_x=data.private_x[held], test_y=data.private_y[held])
+
+
+def matched_epsilon(epsilon: float, delta: float, num_train: int,
+                    num_full: int) -> float:
+  """The epsilon at which a development run on ``num_train`` private
+  examples has the full set's noise-to-size ratio sigma_1 / N.
+
+  The noise-aware rules are functions of sigma_1 / N (the geometry switches
+  from a top-k subspace to the full space where sigma_1 C sqrt(D c) / N
+  crosses theta), and a development split holds only three quarters of the
+  private set: at the same epsilon it sits in a noisier regime than the
+  run it stands for (digits at epsilon 1: a 49-direction subspace on the
+  development split, the full space on the full set). Running it at the
+  epsilon whose sigma_1 is num_train / num_full of the target's keeps the
+  regime. It is the epsilon of ONE full-batch Gaussian release at that
+  sigma_1 (``noise_aware.single_release_sigma`` inverted).
+  """
+  sigma_1 = noise_aware.single_release_sigma(epsilon, delta)
+  return accounting.compute_epsilon(sigma_1 * num_train / num_full, 1.0, 1,
+                                    delta)
 
 
 def seeds(config, workdir_path: str):
@@ -54,8 +75,7 @@ def write_outputs(out: str, stem: str, module: str, config, rows: list[dict],
                   title: str, body: list[str]) -> None:
   """OUT/stem.json (command, config, records) and OUT/stem.md (title, the
   command, body), the command being this process's ``python -m module``."""
-  command = f"python -m {module} " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  command = cli.typed_command(f"python -m {module}")
   os.makedirs(out, exist_ok=True)
   io.save_json(os.path.join(out, f"{stem}.json"),
                {"command": command, "config": config.to_dict(),

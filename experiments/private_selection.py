@@ -24,17 +24,17 @@ from __future__ import annotations
 import copy
 import json
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from adamix_jax import configs as configs_lib
 from adamix_jax.experiment import recipe as recipe_lib
+from adamix_jax.launch import cli
 from adamix_jax.models import linear
 from adamix_jax.privacy import selection as selection_lib
 from experiments import development
 
-_CONFIG = flags.DEFINE_string("config", "digits", "Config name or path.")
+PROG = "experiments.private_selection"
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A finished adamix-train workdir of the config (its "
     "features, splits and public starts are read).", required=True)
@@ -91,7 +91,8 @@ def _path_table(rows: list[dict]) -> list[str]:
 
 def main(argv):
   del argv
-  config = configs_lib.load(_CONFIG.value)
+  config = flags.FLAGS.config
+  configs_lib.split_comma_lists(config)
   config.analysis.individual_privacy = False  # selection refuses it
   recipes = {}
   for fraction in _fractions():
@@ -130,7 +131,9 @@ def main(argv):
 
 
 def run() -> None:
-  app.run(main)
+  cli.run_with_config(PROG, main, "Dataset config: a packaged name or a "
+                      "config file; --config.FIELD=VALUE overrides a field "
+                      "(e.g. --config.private_per_class=500).")
 
 
 if __name__ == "__main__":

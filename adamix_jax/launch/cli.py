@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -245,6 +246,32 @@ def define_config_flag(argv: Sequence[str], help_text: str) -> None:
       os.path.basename(value.partition(":")[0]))[0])
   config_flags.DEFINE_config_file("config", configs.default_path(), help_text,
                                   lock_config=True)
+
+
+# The command line as the user typed it (before config names resolve to
+# paths): what results files record as their command.
+TYPED_ARGV: list[str] = []
+
+
+def typed_command(prog: str) -> str:
+  """``prog`` and the arguments as typed (``run_with_config`` keeps them)."""
+  return " ".join([prog] + [shlex.quote(a) for a in TYPED_ARGV[1:]])
+
+
+def run_with_config(prog: str, main: Callable[[Sequence[str]], Any],
+                    help_text: str) -> None:
+  """An absl entry point with ``--config`` (a packaged name or a file) and
+  its ``--config.field=value`` overrides: XLA's CPU timeouts set first,
+  the config and overrides checked before absl parses, every user error
+  one line. ``main`` reads the config from ``flags.FLAGS.config``."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  TYPED_ARGV[:] = sys.argv
+  configure_xla()
+  sys.argv = report_errors(prog, resolve_config_names, sys.argv)
+  report_errors(prog, define_config_flag, sys.argv, help_text)
+  flags.declare_key_flag("config")  # listed by --help
+  app.run(lambda argv: report_errors(prog, main, argv),
+          flags_parser=flags_parser(prog))
 
 
 def resolve_config_names(argv: Sequence[str]) -> list[str]:

@@ -33,17 +33,14 @@ its traceback.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 
-from absl import app
 from absl import flags
 
 from adamix_jax import configs as configs_lib
 from adamix_jax.launch import cli
 
 PROG = "adamix-train"
-_USER_ARGV: list[str] = [PROG]  # the command line before config names resolve
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (required, except with --config_help).")
@@ -83,7 +80,7 @@ def main(argv):
   from adamix_jax import parallel  # after flags: faster --help
   from adamix_jax.experiment import report, stages
   mesh = parallel.launch_mesh(_DATA_PARALLEL.value, _MULTIHOST.value)
-  command = f"{PROG} " + " ".join(shlex.quote(a) for a in _USER_ARGV[1:])
+  command = cli.typed_command(PROG)
   records = stages.run(config, _WORKDIR.value, _STAGES.value, command=command,
                        mesh=mesh)
   if records is not None:
@@ -98,13 +95,7 @@ def main(argv):
 
 def run() -> None:
   """Console entry point ``adamix-train``."""
-  _USER_ARGV[:] = sys.argv  # as typed, for results.md
-  cli.configure_xla()
-  sys.argv = cli.report_errors(PROG, cli.resolve_config_names, sys.argv)
-  cli.report_errors(PROG, cli.define_config_flag, sys.argv, CONFIG_HELP)
-  flags.declare_key_flag("config")  # listed by --help
-  app.run(lambda argv: cli.report_errors(PROG, main, argv),
-          flags_parser=cli.flags_parser(PROG))
+  cli.run_with_config(PROG, main, CONFIG_HELP)
 
 
 if __name__ == "__main__":
