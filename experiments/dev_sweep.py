@@ -84,14 +84,16 @@ def main(argv):
   variants = [_with_value(config, _KEY.value, v) for v in _VALUES.value]
   rows = []
   for seed, data in development.seeds(config, _WORKDIR.value):
+    # The development epsilon of each target (the split's size is the seed's).
+    num_train = len(data.private_y)
+    run_epsilons = {
+        eps: (development.matched_epsilon(eps, float(config.delta),
+                                          num_train,
+                                          num_train + len(data.test_y))
+              if _MATCH.value else eps) for eps in epsilons}
     for variant, value in variants:
       recipe = recipe_lib.make_recipe(variant)
-      for eps in epsilons:
-        run_eps = eps
-        if _MATCH.value:
-          run_eps = development.matched_epsilon(
-              eps, float(config.delta), len(data.private_y),
-              len(data.private_y) + len(data.test_y))
+      for eps, run_eps in run_epsilons.items():
         for method in _METHODS.value:
           for _ in range(_REPEATS.value):
             run = recipe.train_dp(method, run_eps, seed, data)

@@ -198,11 +198,11 @@ def test_noise_aware_subspace_kappa_moves_only_truncated_subspace_plans(
   config.rules.subspace_kappa = config.rules.kappa / 4
   config.rules.min_steps = 1
   config.rules.max_steps = 10**6
-  halved = recipe_lib.make_recipe(config)
+  shortened = recipe_lib.make_recipe(config)
   wide = config.copy_and_resolve_references()
   wide.rules.subspace_kappa = wide.rules.kappa
   same = recipe_lib.make_recipe(wide)
-  adamix = halved.plan("adamix", epsilon, data)
+  adamix = shortened.plan("adamix", epsilon, data)
   reference = same.plan("adamix", epsilon, data)
   if epsilon == 1.0:
     assert adamix.info["geometry"] == "subspace"
@@ -210,9 +210,9 @@ def test_noise_aware_subspace_kappa_moves_only_truncated_subspace_plans(
   else:
     assert adamix.info["geometry"] == "full"
     assert adamix.steps == reference.steps
-  assert (halved.plan("dp_sgd", epsilon, data).steps ==
+  assert (shortened.plan("dp_sgd", epsilon, data).steps ==
           same.plan("dp_sgd", epsilon, data).steps)
-  pillar = halved.plan("pillar", epsilon, data)
+  pillar = shortened.plan("pillar", epsilon, data)
   assert pillar.info["geometry"] == "pca"
   assert pillar.steps == pytest.approx(
       same.plan("pillar", epsilon, data).steps / 4, abs=1)

@@ -37,9 +37,10 @@ gradient, step eta, T steps, the average of the last half released.
    correction the geometry can learn: in a truncated top-k subspace (the
    high-noise case) only the part of the correction inside it is
    learnable and every kept direction is stiff (fitted in a few
-   relaxation times), so it gets the smaller ``subspace_kappa``. Full batch: with q = 1 the privacy cost does not
-   depend on T (T Gaussian releases compose to one), and it has the least
-   noise per averaged gradient at a given epsilon under PLD.
+   relaxation times), so it gets the smaller ``subspace_kappa``. Full
+   batch: with q = 1 the privacy cost does not depend on T (T Gaussian
+   releases compose to one), and it has the least noise per averaged
+   gradient at a given epsilon under PLD.
 3. Public gradient weight (``public_gradient_weight``): both mean gradients
    estimate the population gradient; their error variances are ~C^2/n
    (public) and C^2/N + 2 sigma_1^2 C^2 D_z c / N^2 (private: sampling plus
@@ -211,12 +212,13 @@ def smoothness(public_z: Optional[np.ndarray]) -> float:
 
 def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
              num_private: int, num_classes: int, rules: Rules,
-             geometry: str = "full") -> tuple[int, float]:
+             geometry: str = "none") -> tuple[int, float]:
   """(T, eta) of rule 2: eta = 1/(2L), T = tau / eta clipped.
 
   ``geometry`` is the ``Geometry.kind`` the run trains in: a truncated
   public subspace (``TRUNCATED_KINDS``) takes ``rules.subspace_kappa``,
-  anything else (the full whitened space, DP-SGD's x~) ``rules.kappa``.
+  anything else (the full whitened space; "none", x~ itself, DP-SGD's)
+  ``rules.kappa``.
   """
   eta = 1.0 / (2.0 * smoothness(public_z))
   if sigma_1 == 0:

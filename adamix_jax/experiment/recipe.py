@@ -444,8 +444,8 @@ class LinearHeadRecipe:
     sigma_1 = (0.0 if epsilon is None else
                noise_aware.single_release_sigma(epsilon, config.delta))
 
-    def full_batch(public_z, dim_z, inputs, feature_map=None,
-                   geometry="full", **step):
+    def full_batch(public_z, dim_z, inputs, geometry, feature_map=None,
+                   **step):
       steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
                                         rules, geometry)
       sigma = 0.0 if epsilon is None else (
@@ -457,20 +457,17 @@ class LinearHeadRecipe:
           normalize_by_threshold=False, **step)
       return RunPlan(steps, 1.0, step_config, inputs, feature_map=feature_map,
                      info={"sigma_1": sigma_1, "learning_rate": eta,
-                           "dim": dim_z})
+                           "dim": dim_z, "geometry": geometry})
 
     if method == "dp_sgd":  # the same rules, no public examples in training
       return full_batch(public_x_aug, dim + 1,
-                        dict(anchor_params=zeros, **no_public))
+                        dict(anchor_params=zeros, **no_public), "none")
     if method == "pillar":
       geometry = noise_aware.principal_components(public_x_aug, sigma_1,
                                                   n_priv, c, rules)
-      plan = full_batch(public_x_aug @ geometry.feature_map, geometry.dim,
-                        dict(anchor_params=zeros, **no_public),
-                        feature_map=geometry.feature_map,
-                        geometry=geometry.kind)
-      plan.info["geometry"] = geometry.kind
-      return plan
+      return full_batch(public_x_aug @ geometry.feature_map, geometry.dim,
+                        dict(anchor_params=zeros, **no_public), geometry.kind,
+                        feature_map=geometry.feature_map)
     if method != "adamix":
       raise ValueError(f"no private run plan for method {method!r}.")
     inputs = self._adamix_inputs(data, zeros)
@@ -480,14 +477,12 @@ class LinearHeadRecipe:
                                              c, rules)
       feature_map, kind = geometry.feature_map, geometry.kind
       public_z, dim_z = public_x_aug @ feature_map, geometry.dim
-    plan = full_batch(
-        public_z, dim_z, inputs, feature_map=feature_map, geometry=kind,
+    return full_batch(
+        public_z, dim_z, inputs, kind, feature_map=feature_map,
         adaptive_threshold=adamix.adaptive_threshold,
         threshold_quantile=adamix.threshold_quantile,
         public_weight=self.public_weight(data, sigma_1, dim_z),
         pull=adamix.pull)
-    plan.info["geometry"] = kind
-    return plan
 
   def zero_noise(self, data: SeedData, seed: int) -> tuple[dict, dict]:
     """AdaMix's optimiser without noise (``plan(.., epsilon=None)``): the
