@@ -175,8 +175,9 @@ def test_noise_aware_schedule_takes_subspace_kappa_in_a_truncated_geometry():
   sub, eta_sub = noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
                                       "subspace")
   assert eta_sub == eta
-  # tau = kappa N / (sigma_1 C sqrt(D c)), T = tau / eta (rounded).
-  tau = 30.0 * 2000 / (2.0 * rules.clip_norm * math.sqrt(21 * 10))
+  # tau = kappa N / (sigma_1 C sqrt(c D_ref) (D / D_ref)^p), T = tau / eta.
+  tau = 30.0 * 2000 / (2.0 * rules.clip_norm * math.sqrt(10 * 64.0) *
+                       (21 / 64.0) ** 0.25)
   assert full == round(tau / eta)
   assert sub == round(tau / 3.0 / eta)
   assert noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
@@ -184,6 +185,29 @@ def test_noise_aware_schedule_takes_subspace_kappa_in_a_truncated_geometry():
   for other in ("full", "none"):
     assert noise_aware.schedule(public_z, 21, 2.0, 2000, 10, rules,
                                 other)[0] == full
+
+
+def test_noise_aware_schedule_falls_with_the_dimension_power():
+  # tau scales as D_z^-p: p = 1/4 by default; p = 1/2 is the
+  # parameter-noise norm's sqrt(D_z c) of the first rule; at D_ref the
+  # power does not matter. Large N keeps T far from the caps and rounding.
+  rng = np.random.default_rng(3)
+  public_z = np.asarray(linear.augment(_unit_rows(rng, 50, 20)))
+  rules = dataclasses.replace(RULES, min_steps=1, max_steps=10**9)
+  assert (rules.reference_dim, rules.dim_power) == (64.0, 0.25)
+
+  def steps(dim, **change):
+    return noise_aware.schedule(public_z, dim, 1.0, 10**7, 10,
+                                dataclasses.replace(rules, **change))[0]
+
+  assert steps(64 * 16) / steps(64) == pytest.approx(16 ** -0.25, rel=1e-4)
+  assert steps(64 * 16, dim_power=0.5) / steps(64, dim_power=0.5) == (
+      pytest.approx(0.25, rel=1e-4))
+  assert steps(64, dim_power=0.5) == steps(64) == steps(64, dim_power=0.0)
+  # p = 1/2 is the first rule, tau = kappa N / (sigma_1 C sqrt(D c)).
+  _, eta = noise_aware.schedule(public_z, 1281, 1.0, 10**7, 10, rules)
+  assert steps(1281, dim_power=0.5) == round(
+      rules.kappa * 10**7 / (rules.clip_norm * math.sqrt(1281 * 10)) / eta)
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
@@ -231,6 +255,8 @@ def test_noise_aware_public_weight_limits():
 
 @pytest.mark.parametrize("field,value", [("clip_norm", 0.0), ("theta", -1.0),
                                          ("subspace_kappa", 0.0),
+                                         ("reference_dim", 0.0),
+                                         ("dim_power", 0.75),
                                          ("public_trust", 1.5),
                                          ("min_steps", 0),
                                          ("max_steps", 5)])

@@ -29,15 +29,26 @@ gradient, step eta, T steps, the average of the last half released.
    the dimension rule keeps its total norm a fixed fraction of a gradient.
 2. Schedule (``schedule``). eta = 1 / (2 L), L = lambda_max(Zp^T Zp / n) / 2
    (the smoothness of the mean cross-entropy in z, softmax curvature <= 1/2,
-   estimated on public data); the "time" tau = eta T = kappa N / (sigma_1 C
-   sqrt(D_z c)) (early stopping: noise accumulates in flat directions in
-   proportion to tau, so tau shrinks with the noise); T clipped to
-   [min_steps, max_steps]. kappa is the parameter-noise norm the run may
-   accumulate before it stops, so it scales with the size of the
-   correction the geometry can learn: in a truncated top-k subspace (the
-   high-noise case) only the part of the correction inside it is
-   learnable and every kept direction is stiff (fitted in a few
-   relaxation times), so it gets the smaller ``subspace_kappa``. Full
+   estimated on public data); the "time"
+
+     tau = eta T = kappa N / (sigma_1 C sqrt(c D_ref) (D_z / D_ref)^p)
+
+   (early stopping: noise accumulates in flat directions in proportion to
+   tau, so tau shrinks with the noise); T clipped to [min_steps,
+   max_steps]. kappa is the noise the run may accumulate before it stops,
+   set at the reference dimension D_ref (``reference_dim``). How it scales
+   with D_z (``dim_power`` p): the parameter-noise NORM grows like
+   sqrt(D_z) (p = 1/2, the first rule), but what the noise does to a
+   prediction, x~ . xi, does not grow with D_z at all (its variance is the
+   per-coordinate noise times ||x~||^2, fixed by the scaling): p = 0. The
+   truth lies between (not every direction is flat); p = 1/4 is the
+   midpoint, and it matched the development splits at both ends of the
+   suite's dimensions (D = 65 and 1281; configs/base.py). kappa also
+   scales with the size of the correction the geometry can learn: in a
+   truncated top-k subspace (the high-noise case) only the part of the
+   correction inside it is learnable and every kept direction is stiff
+   (fitted in a few relaxation times), so it gets the smaller
+   ``subspace_kappa``. Full
    batch: with q = 1 the privacy cost does not depend on T (T Gaussian
    releases compose to one), and it has the least noise per averaged
    gradient at a given epsilon under PLD.
@@ -79,10 +90,14 @@ class Rules:
     clip_norm: C, in units where public ||z||^2 ~ 2 (the largest per-example
       gradient norm is about 2).
     theta: the budget of the released noise norm nu(k).
-    kappa: tau = kappa N / (sigma_1 C sqrt(D_z c)) in a full geometry.
+    kappa: tau = kappa N / (sigma_1 C sqrt(c D_ref) (D_z / D_ref)^p) in a
+      full geometry.
     subspace_kappa: kappa in a truncated public subspace (AdaMix's top-k
       whitened directions when the full space does not fit under theta;
       PILLAR's top-k principal directions).
+    reference_dim: D_ref, the dimension at which kappa is set.
+    dim_power: p, how tau falls with D_z (1/2: with the parameter-noise
+      norm; 0: not at all).
     ridge: rho of the whitening, in units of tr(S) / D.
     public_trust: the fraction of the inverse-variance public weight used.
     min_steps, max_steps: T is clipped to this range (max_steps also when
@@ -93,16 +108,23 @@ class Rules:
   theta: float = 0.05
   kappa: float = 30.0
   subspace_kappa: float = 15.0
+  reference_dim: float = 64.0
+  dim_power: float = 0.25
   ridge: float = 10.0
   public_trust: float = 0.5
   min_steps: int = 20
-  max_steps: int = 1000
+  max_steps: int = 20000
 
   def __post_init__(self):
-    for name in ("clip_norm", "theta", "kappa", "subspace_kappa", "ridge"):
+    for name in ("clip_norm", "theta", "kappa", "subspace_kappa",
+                 "reference_dim", "ridge"):
       if not getattr(self, name) > 0:
         raise ValueError(f"rules.{name} must be > 0, got "
                          f"{getattr(self, name)}.")
+    if not 0.0 <= self.dim_power <= 0.5:
+      raise ValueError(f"rules.dim_power must be in [0, 1/2] (between no "
+                       f"growth and the noise norm's sqrt), got "
+                       f"{self.dim_power}.")
     if not 0.0 <= self.public_trust <= 1.0:
       raise ValueError(f"rules.public_trust must be in [0, 1], got "
                        f"{self.public_trust}.")
@@ -225,8 +247,10 @@ def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
     return rules.max_steps, eta
   kappa = (rules.subspace_kappa if geometry in TRUNCATED_KINDS else
            rules.kappa)
-  tau = kappa * num_private / (sigma_1 * rules.clip_norm *
-                               math.sqrt(dim * num_classes))
+  tau = kappa * num_private / (
+      sigma_1 * rules.clip_norm *
+      math.sqrt(num_classes * rules.reference_dim) *
+      (dim / rules.reference_dim) ** rules.dim_power)
   steps = int(min(max(round(tau / eta), rules.min_steps), rules.max_steps))
   return steps, eta
 

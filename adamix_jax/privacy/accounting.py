@@ -2,7 +2,14 @@
 
 The mechanism is the Poisson-subsampled Gaussian (rate q, noise multiplier
 sigma) composed T times under add/remove-one neighbouring; q = 1 is full
-batch noisy gradient descent (a plain Gaussian composed T times). The
+batch noisy gradient descent (a plain Gaussian composed T times). Full
+batch under PLD is computed exactly, without discretisation: T Gaussian
+releases of sensitivity 1 at sigma_i compose to ONE Gaussian release at
+(sum_i T_i / sigma_i^2)^(-1/2) (each privacy loss is Gaussian, means and
+variances add), whose epsilon is the analytic Gaussian mechanism's (Balle
+& Wang 2018; dp_accounting's ``GaussianPrivacyLoss``): the limit the
+discretised PLD approaches from above, and ~1000x cheaper (a discretised
+Gaussian PLD costs ~0.4 s, and every noise calibration needs ~10). The
 ``PrivacyLedger`` records the steps that actually ran and is the source of
 truth for epsilon (docs/design.md, invariant 5).
 """
@@ -19,6 +26,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+from scipy import optimize
 
 from adamix_jax import io
 
@@ -72,6 +80,48 @@ def epsilon_for_event(event: dp_accounting.DpEvent, delta: float,
   return float(acc.get_epsilon(delta))
 
 
+def _gaussian_delta(sigma: float, epsilon: float) -> float:
+  """delta(epsilon) of one Gaussian release, sensitivity 1 (exact)."""
+  loss = pld.privacy_loss_mechanism.GaussianPrivacyLoss(sigma)
+  return float(loss.get_delta_for_epsilon(epsilon))
+
+
+@functools.lru_cache(maxsize=4096)
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+  """The tight epsilon at ``delta`` of ONE Gaussian release of std ``sigma``
+  (sensitivity 1), rounded up: ``_gaussian_delta(sigma, eps) <= delta``."""
+  _check_delta(delta)
+  if not sigma > 0:
+    raise ValueError(f"sigma must be > 0, got {sigma}.")
+  if _gaussian_delta(sigma, 0.0) <= delta:
+    return 0.0
+  upper = 1.0
+  while _gaussian_delta(sigma, upper) > delta:
+    upper *= 2.0
+  eps = optimize.brentq(lambda e: _gaussian_delta(sigma, e) - delta,
+                        upper / 2.0 if upper > 1.0 else 0.0, upper,
+                        xtol=1e-12, rtol=1e-12)
+  # brentq's root may sit a rounding error below the true one: step up
+  # until the guarantee provably holds (errs on the private side).
+  while _gaussian_delta(sigma, eps) > delta:
+    eps = eps * (1.0 + 1e-9) + 1e-12
+  return float(eps)
+
+
+def full_batch_sigma(entries) -> float:
+  """The one Gaussian release that full-batch steps compose to exactly:
+  (sum_i T_i / sigma_i^2)^(-1/2) over (sigma_i, q_i = 1, T_i) entries."""
+  # Steps at the same sigma are summed first (integers, exact), so a run
+  # split by a resume gets the very float an uninterrupted run gets.
+  steps_at: dict[float, int] = {}
+  for sigma, q, steps in entries:
+    if q != 1.0:
+      raise ValueError(f"full_batch_sigma needs q = 1 entries, got q={q}.")
+    steps_at[float(sigma)] = steps_at.get(float(sigma), 0) + int(steps)
+  precision = sum(steps / sigma**2 for sigma, steps in steps_at.items())
+  return math.inf if precision == 0 else precision**-0.5
+
+
 @functools.lru_cache(maxsize=4096)
 def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
                     delta: float, accountant: str = "pld") -> float:
@@ -80,6 +130,12 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
     return 0.0
   if noise_multiplier == 0:
     return math.inf
+  if accountant == "pld" and sampling_rate == 1.0:
+    # The same float expression as the ledger's (full_batch_sigma), so the
+    # calibration's check and the ledger's approval agree bit for bit.
+    _check_entry(noise_multiplier, sampling_rate, steps)
+    return gaussian_epsilon(full_batch_sigma(
+        [(noise_multiplier, sampling_rate, steps)]), delta)
   return epsilon_for_event(dp_sgd_event(noise_multiplier, sampling_rate, steps),
                            delta, accountant)
 
@@ -107,6 +163,16 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     raise ValueError(f"steps must be > 0 to calibrate noise, got {steps}.")
   def epsilon_at(sigma, name):
     return compute_epsilon(sigma, sampling_rate, steps, delta, name)
+
+  if accountant == "pld" and sampling_rate == 1.0:
+    # Full batch: T releases at sigma are one at sigma / sqrt(T) (exactly),
+    # so sigma_T = sigma_1 sqrt(T), sigma_1 the single release's.
+    _check_accountant(accountant)
+    sigma = _single_gaussian_sigma(float(target_epsilon), float(delta)) * (
+        math.sqrt(steps))
+    while epsilon_at(sigma, accountant) > target_epsilon:
+      sigma *= 1.0 + 1e-9
+    return sigma
 
   # Bracket with RDP first: it is cheap at any sigma, while PLD at a tiny
   # sigma discretises a huge loss range. RDP's epsilon upper-bounds the
@@ -141,6 +207,25 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   while epsilon_at(sigma, accountant) > target_epsilon:
     sigma *= 1.001
   return sigma
+
+
+@functools.lru_cache(maxsize=256)
+def _single_gaussian_sigma(target_epsilon: float, delta: float) -> float:
+  """The smallest sigma (to ~1e-9 relative) of one Gaussian release with
+  epsilon <= target at delta: bisection on the exact epsilon."""
+  lower, upper = 1e-3, 1.0
+  while gaussian_epsilon(upper, delta) > target_epsilon:
+    lower, upper = upper, upper * 2.0
+  if gaussian_epsilon(lower, delta) <= target_epsilon:
+    raise ValueError(f"target epsilon {target_epsilon} needs almost no noise "
+                     "(sigma < 1e-3) for one full-batch release.")
+  while upper - lower > 1e-9 * upper:
+    middle = 0.5 * (lower + upper)
+    if gaussian_epsilon(middle, delta) <= target_epsilon:
+      upper = middle
+    else:
+      lower = middle
+  return upper
 
 
 def _check_entry(noise_multiplier: float, sampling_rate: float,
@@ -278,6 +363,10 @@ class PrivacyLedger:
       return 0.0
     if any(e.noise_multiplier == 0 for e in entries):
       return math.inf
+    if accountant == "pld" and all(e.sampling_rate == 1.0 for e in entries):
+      return gaussian_epsilon(full_batch_sigma(
+          (e.noise_multiplier, e.sampling_rate, e.steps) for e in entries),
+                              self.delta)
     if len(entries) == 1:
       e = entries[0]
       return compute_epsilon(e.noise_multiplier, e.sampling_rate, e.steps,
