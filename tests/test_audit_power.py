@@ -64,7 +64,7 @@ def test_audit_power_bound_is_sound_on_exact_gaussian_mechanism_trials():
   # enough for a broken estimator to cross it (point estimates of the
   # rates in place of Clopper-Pearson: 32% of audits exceed the truth).
   mu, delta = 1.0, 0.05
-  truth = rates.gaussian_epsilon(mu, delta)
+  truth = accounting.gaussian_epsilon(1.0 / mu, delta)  # sigma = 1 / mu
   assert truth == pytest.approx(1.569, abs=1e-3)
   rng = np.random.default_rng(0)
   lower = []
@@ -153,7 +153,7 @@ def test_audit_power_one_run_p_value_keeps_the_exact_correction():
 
 def test_audit_power_one_run_cross_check_is_sound_on_gaussian_trials():
   rng = np.random.default_rng(2)
-  truth = rates.gaussian_epsilon(1.0, DELTA)
+  truth = accounting.gaussian_epsilon(1.0, DELTA)
   scores, included = _gaussian_trials(1.0, 20_000, rng)
   calibration = rates.split_calibration(20_000, 0)
   cross_check = whitebox.one_run_bound(scores, included, calibration, DELTA)

@@ -48,10 +48,9 @@ gradient, step eta, T steps, the average of the last half released.
    truncated top-k subspace (the high-noise case) only the part of the
    correction inside it is learnable and every kept direction is stiff
    (fitted in a few relaxation times), so it gets the smaller
-   ``subspace_kappa``. Full
-   batch: with q = 1 the privacy cost does not depend on T (T Gaussian
-   releases compose to one), and it has the least noise per averaged
-   gradient at a given epsilon under PLD.
+   ``subspace_kappa``. Full batch: with q = 1 the privacy cost does not
+   depend on T (T Gaussian releases compose to one), and it has the least
+   noise per averaged gradient at a given epsilon under PLD.
 3. Public gradient weight (``public_gradient_weight``): both mean gradients
    estimate the population gradient; their error variances are ~C^2/n
    (public) and C^2/N + 2 sigma_1^2 C^2 D_z c / N^2 (private: sampling plus

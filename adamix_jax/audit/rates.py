@@ -29,7 +29,6 @@ soundness). ``select_test`` therefore sees only the calibration trials and
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from scipy import stats
@@ -231,23 +230,3 @@ def audit_trials(scores: np.ndarray, included: np.ndarray,
   held_out = ~calibration
   return test, evaluate(test, scores[held_out], included[held_out], delta,
                         beta)
-
-
-def gaussian_epsilon(sensitivity_over_sigma: float, delta: float) -> float:
-  """The exact eps(delta) of ONE Gaussian mechanism with mu = Delta / sigma
-  (Balle and Wang 2018): the reference for the soundness tests."""
-  mu = float(sensitivity_over_sigma)
-
-  def delta_at(eps):
-    return (stats.norm.cdf(-eps / mu + mu / 2.0) -
-            math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2.0))
-
-  if delta_at(0.0) <= delta:
-    return 0.0
-  low, high = 0.0, 1.0
-  while delta_at(high) > delta:
-    low, high = high, 2.0 * high
-  for _ in range(200):
-    mid = 0.5 * (low + high)
-    low, high = (mid, high) if delta_at(mid) > delta else (low, mid)
-  return high

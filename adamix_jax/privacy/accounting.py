@@ -123,21 +123,35 @@ def full_batch_sigma(entries) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
+def segments_epsilon(segments: tuple[tuple[float, float, int], ...],
+                     delta: float, accountant: str = "pld") -> float:
+  """Epsilon at ``delta`` of (sigma, q, T) segments of steps composed in
+  order: the one place that accounts steps (``compute_epsilon`` and the
+  ledger both call it). Empty segments cost nothing; sigma = 0 is inf.
+  Under PLD, full-batch segments use the exact closed form; anything else
+  goes to dp_accounting."""
+  for segment in segments:
+    _check_entry(*segment)
+  segments = tuple((float(s), float(q), int(t)) for s, q, t in segments
+                   if t > 0)
+  if not segments:
+    return 0.0
+  if any(s == 0 for s, _, _ in segments):
+    return math.inf
+  if accountant == "pld" and all(q == 1.0 for _, q, _ in segments):
+    _check_delta(delta)
+    return gaussian_epsilon(full_batch_sigma(segments), delta)
+  events = [dp_sgd_event(*segment) for segment in segments]
+  event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(
+      events)
+  return epsilon_for_event(event, delta, accountant)
+
+
 def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
                     delta: float, accountant: str = "pld") -> float:
   """Epsilon at ``delta`` after ``steps`` steps (inf when sigma = 0)."""
-  if steps == 0:
-    return 0.0
-  if noise_multiplier == 0:
-    return math.inf
-  if accountant == "pld" and sampling_rate == 1.0:
-    # The same float expression as the ledger's (full_batch_sigma), so the
-    # calibration's check and the ledger's approval agree bit for bit.
-    _check_entry(noise_multiplier, sampling_rate, steps)
-    return gaussian_epsilon(full_batch_sigma(
-        [(noise_multiplier, sampling_rate, steps)]), delta)
-  return epsilon_for_event(dp_sgd_event(noise_multiplier, sampling_rate, steps),
-                           delta, accountant)
+  return segments_epsilon(((noise_multiplier, sampling_rate, steps),), delta,
+                          accountant)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -166,12 +180,16 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
   if accountant == "pld" and sampling_rate == 1.0:
     # Full batch: T releases at sigma are one at sigma / sqrt(T) (exactly),
-    # so sigma_T = sigma_1 sqrt(T), sigma_1 the single release's.
-    _check_accountant(accountant)
-    sigma = _single_gaussian_sigma(float(target_epsilon), float(delta)) * (
+    # so sigma_T = sigma_1 sqrt(T), sigma_1 the single release's
+    # (dp_accounting's search for the Gaussian mechanism), re-checked on
+    # the ledger's own arithmetic.
+    gaussian = pld.privacy_loss_mechanism.GaussianPrivacyLoss
+    guarantee = pld.common.DifferentialPrivacyParameters(
+        float(target_epsilon), float(delta))
+    sigma = gaussian.from_privacy_guarantee(guarantee).standard_deviation * (
         math.sqrt(steps))
     while epsilon_at(sigma, accountant) > target_epsilon:
-      sigma *= 1.0 + 1e-9
+      sigma *= 1.0 + 1e-8
     return sigma
 
   # Bracket with RDP first: it is cheap at any sigma, while PLD at a tiny
@@ -207,25 +225,6 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   while epsilon_at(sigma, accountant) > target_epsilon:
     sigma *= 1.001
   return sigma
-
-
-@functools.lru_cache(maxsize=256)
-def _single_gaussian_sigma(target_epsilon: float, delta: float) -> float:
-  """The smallest sigma (to ~1e-9 relative) of one Gaussian release with
-  epsilon <= target at delta: bisection on the exact epsilon."""
-  lower, upper = 1e-3, 1.0
-  while gaussian_epsilon(upper, delta) > target_epsilon:
-    lower, upper = upper, upper * 2.0
-  if gaussian_epsilon(lower, delta) <= target_epsilon:
-    raise ValueError(f"target epsilon {target_epsilon} needs almost no noise "
-                     "(sigma < 1e-3) for one full-batch release.")
-  while upper - lower > 1e-9 * upper:
-    middle = 0.5 * (lower + upper)
-    if gaussian_epsilon(middle, delta) <= target_epsilon:
-      upper = middle
-    else:
-      lower = middle
-  return upper
 
 
 def _check_entry(noise_multiplier: float, sampling_rate: float,
@@ -338,14 +337,6 @@ class PrivacyLedger:
     else:
       self.entries.append(LedgerEntry(noise_multiplier, sampling_rate, steps))
 
-  def event(self, extra: tuple[float, float, int] | None = None
-            ) -> dp_accounting.DpEvent:
-    parts = [dp_sgd_event(e.noise_multiplier, e.sampling_rate, e.steps)
-             for e in self.entries]
-    if extra is not None:
-      parts.append(dp_sgd_event(*extra))
-    return dp_accounting.ComposedDpEvent(parts)
-
   def epsilon(self, accountant: str = "pld",
               extra: tuple[float, float, int] | None = None) -> float:
     """Epsilon spent at this ledger's delta (plus ``extra`` steps if given):
@@ -355,23 +346,11 @@ class PrivacyLedger:
 
   def _steps_epsilon(self, accountant: str,
                      extra: tuple[float, float, int] | None) -> float:
-    entries = list(self.entries)
+    segments = [(e.noise_multiplier, e.sampling_rate, e.steps)
+                for e in self.entries]
     if extra is not None:
-      entries.append(LedgerEntry(*extra))
-    entries = [e for e in entries if e.steps > 0]
-    if not entries:
-      return 0.0
-    if any(e.noise_multiplier == 0 for e in entries):
-      return math.inf
-    if accountant == "pld" and all(e.sampling_rate == 1.0 for e in entries):
-      return gaussian_epsilon(full_batch_sigma(
-          (e.noise_multiplier, e.sampling_rate, e.steps) for e in entries),
-                              self.delta)
-    if len(entries) == 1:
-      e = entries[0]
-      return compute_epsilon(e.noise_multiplier, e.sampling_rate, e.steps,
-                             self.delta, accountant)
-    return epsilon_for_event(self.event(extra), self.delta, accountant)
+      segments.append(tuple(extra))
+    return segments_epsilon(tuple(segments), self.delta, accountant)
 
   def check_budget(self, noise_multiplier: float, sampling_rate: float,
                    steps: int = 1) -> float:
