@@ -130,11 +130,5 @@ def main(argv):
                             "splits", body)
 
 
-def run() -> None:
-  cli.run_with_config(PROG, main, "Dataset config: a packaged name or a "
-                      "config file; --config.FIELD=VALUE overrides a field "
-                      "(e.g. --config.private_per_class=500).")
-
-
 if __name__ == "__main__":
-  run()
+  development.run(PROG, main)

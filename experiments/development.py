@@ -56,6 +56,13 @@ def matched_epsilon(epsilon: float, delta: float, num_train: int,
                                     delta)
 
 
+def without_noise(plan: recipe_lib.RunPlan) -> recipe_lib.RunPlan:
+  """The same plan with sigma = 0 and nothing else changed: a diagnostic of
+  what the plan's optimisation reaches (``bias_noise``), never a release."""
+  return dataclasses.replace(plan, step_config=dataclasses.replace(
+      plan.step_config, noise_multiplier=0.0))
+
+
 def seeds(config, workdir_path: str):
   """(seed, development SeedData) for each seed of config, from a finished
   ``adamix-train`` workdir of it (features, splits and public starts)."""
@@ -85,3 +92,11 @@ def write_outputs(out: str, stem: str, module: str, config, rows: list[dict],
   with open(os.path.join(out, f"{stem}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+
+
+def run(prog: str, main) -> None:
+  """The entry point of a development-split experiment ``python -m prog``:
+  ``--config`` (a packaged name or a config file) and its overrides."""
+  cli.run_with_config(prog, main, "Dataset config: a packaged name or a "
+                      "config file; --config.FIELD=VALUE overrides a field "
+                      "(e.g. --config.private_per_class=500).")

@@ -29,7 +29,6 @@ import numpy as np
 
 from adamix_jax import configs as configs_lib
 from adamix_jax.experiment import recipe as recipe_lib
-from adamix_jax.launch import cli
 from adamix_jax.models import linear
 from adamix_jax.privacy import selection as selection_lib
 from experiments import development
@@ -130,11 +129,5 @@ def main(argv):
        "", *_table(rows), *_path_table(rows)])
 
 
-def run() -> None:
-  cli.run_with_config(PROG, main, "Dataset config: a packaged name or a "
-                      "config file; --config.FIELD=VALUE overrides a field "
-                      "(e.g. --config.private_per_class=500).")
-
-
 if __name__ == "__main__":
-  run()
+  development.run(PROG, main)

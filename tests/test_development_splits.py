@@ -17,6 +17,7 @@ Guarantees checked:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import numpy as np
 import pytest
 
+from adamix_jax import configs as configs_lib
 from adamix_jax.adamix import noise_aware
 from adamix_jax.experiment import recipe as recipe_lib
 from experiments import development
@@ -120,3 +122,50 @@ def test_dev_sweep_runs_from_a_public_only_workdir(tmp_path):
   assert "--key rules.kapa: the config has no field 'kapa'" in bad.stderr
   assert "Traceback" not in bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_bias_only_diagnostic_removes_the_noise_and_nothing_else():
+  config = configs_lib.load("digits")
+  data = _data(np.random.default_rng(0))
+  plan = recipe_lib.make_recipe(config).plan("adamix", 1.0, data)
+  assert plan.step_config.noise_multiplier > 0
+  quiet = development.without_noise(plan)
+  assert quiet.step_config.noise_multiplier == 0.0
+  assert plan.step_config.noise_multiplier > 0  # the plan itself unchanged
+  same = dataclasses.replace(quiet.step_config,
+                             noise_multiplier=plan.step_config.noise_multiplier)
+  assert same == plan.step_config
+  assert (quiet.steps, quiet.sampling_rate, quiet.info) == (
+      plan.steps, plan.sampling_rate, plan.info)
+  assert quiet.feature_map is plan.feature_map and quiet.inputs is plan.inputs
+
+
+
+def test_public_views_keep_the_image_first_and_move_its_pixels():
+  from experiments import public_views  # pylint: disable=g-import-not-at-top
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[3, 3] = 255  # one bright pixel at row 3, column 3
+  out = public_views.views(image, "flip_shift")
+  assert len(out) == 10 and len(public_views.views(image, "flip")) == 2
+  assert np.array_equal(out[0], image)
+  lit = [tuple(int(i) for i in np.argwhere(v[..., 0] == 255)[0]) for v in out]
+  assert lit == [(3, 3), (3, 4),  # the image, mirrored
+                 (3, 5), (3, 1), (5, 3), (1, 3),  # its shifts by 2
+                 (3, 6), (3, 2), (5, 4), (1, 4)]  # the mirror's
+  assert all(int(v.sum()) == 3 * 255 for v in out)
+  # Content moved past the border is dropped, not wrapped around.
+  edge = np.zeros((8, 8, 3), np.uint8)
+  edge[3, 0] = 255
+  assert public_views.views(edge, "flip_shift")[3].sum() == 0
+
+
+def test_public_view_cosine_tells_copies_from_unrelated_rows():
+  from experiments import public_views  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(40, 16))
+  groups = np.repeat(np.arange(40), 2)
+  original = np.tile([True, False], 40)
+  copies = np.repeat(images, 2, axis=0)
+  assert public_views.view_cosine(copies, groups, original) == pytest.approx(1)
+  unrelated = rng.normal(size=(80, 16))
+  assert abs(public_views.view_cosine(unrelated, groups, original)) < 0.1
