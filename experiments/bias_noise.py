@@ -42,10 +42,11 @@ _METHODS = flags.DEFINE_list("methods", ["adamix", "dp_sgd"],
                              "Private methods with a noise-aware plan.")
 
 
-def dev_error(recipe, plan: recipe_lib.RunPlan, data) -> float:
-  """Development error (%) of one run of ``plan`` (fresh coins)."""
-  params = fit_lib.fit(recipe.program(plan, data), steps=plan.steps,
-                       ledger=accounting.PrivacyLedger(
+def bias_only_error(recipe, plan: recipe_lib.RunPlan, data) -> float:
+  """Development error (%) of ``plan`` run with sigma = 0 (not private: its
+  own unbounded ledger, as ``recipe.zero_noise``)."""
+  params = fit_lib.fit(recipe.program(development.without_noise(plan), data),
+                       steps=plan.steps, ledger=accounting.PrivacyLedger(
                            float(recipe.config.delta)))
   return 100 * float(recipe.test_error(params, data))
 
@@ -64,12 +65,15 @@ def main(argv):
           eps, float(config.delta), num_train, num_train + len(data.test_y))
       for method in _METHODS.value:
         plan = recipe.plan(method, run_eps, data)
+        # The noisy run is a real one (its ledger holds it to run_eps).
+        noisy = recipe.train_dp(method, run_eps, seed, data, plan=plan)
         rows.append({"seed": seed, "epsilon": eps, "dev_epsilon": run_eps,
                      "method": method, "steps": plan.steps,
                      "geometry": plan.info.get("geometry"),
-                     "noisy": dev_error(recipe, plan, data),
-                     "bias_only": dev_error(
-                         recipe, development.without_noise(plan), data)})
+                     "noisy": 100 * float(recipe.test_error(noisy.params,
+                                                            data)),
+                     "epsilon_spent": noisy.ledger.epsilon(),
+                     "bias_only": bias_only_error(recipe, plan, data)})
         print(json.dumps(rows[-1]), flush=True)
   body = ["Development error (%), mean ± standard error over seeds "
           f"{list(config.seeds)}; epsilons matched to the full set's "

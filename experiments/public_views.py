@@ -22,6 +22,7 @@ OUT/public_views.json and OUT/public_views.md, each with this command.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -31,6 +32,7 @@ from sklearn import model_selection
 
 from adamix_jax import configs as configs_lib
 from adamix_jax import data as data_lib
+from adamix_jax import io
 from adamix_jax.adamix import public_init as public_init_lib
 from adamix_jax.experiment import recipe as recipe_lib
 from adamix_jax.experiment import stages
@@ -74,22 +76,6 @@ def views(image: np.ndarray, kind: str) -> list[np.ndarray]:
             for dx, dy in ((_SHIFT, 0), (-_SHIFT, 0), (0, _SHIFT),
                            (0, -_SHIFT))]
   return out
-
-
-class _ListSplit:
-  """A LabeledSplit over in-memory images (for the feature extractor)."""
-
-  def __init__(self, items, labels):
-    self.items, self.labels = items, np.asarray(labels)
-
-  def __len__(self):
-    return len(self.items)
-
-  def __getitem__(self, i):
-    return self.items[i], int(self.labels[i])
-
-  def as_array(self):
-    return None
 
 
 def grouped_public_head(x, y, groups, original, num_classes: int, seed: int):
@@ -137,19 +123,16 @@ def main(argv):
     raise cli.UserError(f"{config.dataset} holds {source.kind} items: views "
                         "need images.")
   train = source.split("train")
-  labels = np.asarray(train.labels)
   num_classes = len(source.class_names)
-  private_cap = (None if config.private_per_class < 0 else
-                 config.private_per_class)
-  # The training rows the workdir embedded, in its order (as run_features).
-  per_seed = {seed: data_lib.few_shot_split(
-      labels, num_classes, config.public_per_class, private_cap, seed=seed,
-      allow_no_public=True) for seed in config.seeds}
-  used = np.unique(np.concatenate(
-      [np.concatenate([s.public, s.private]) for s in per_seed.values()]))
+  # The training rows the workdir embedded, in its order: those of the
+  # seeds it was made with (config.json), which --config.seeds may subset.
+  workdir = Workdir(_WORKDIR.value)
+  made_with = copy.deepcopy(config)
+  made_with.seeds = io.load_json(workdir.path("config.json"))["seeds"]
+  _, used = stages.embedded_train_rows(made_with, np.asarray(train.labels),
+                                       num_classes)
   backbone = registry.get_backbone(config.backbone,
                                    **config.backbone_kwargs.to_dict())
-  workdir = Workdir(_WORKDIR.value)
   features = stages.load_features(workdir)
   splits = np.load(workdir.splits)
   recipe = recipe_lib.make_recipe(config)
@@ -169,7 +152,7 @@ def main(argv):
     prep = preprocess.Preprocessor.from_arrays(
         np.load(workdir.public_init(seed)))
     view_x = prep(extract.compute_features(
-        _ListSplit(items, view_y), backbone,
+        data_lib.ArraySplit(np.stack(items), view_y), backbone,
         batch_size=config.feature_batch_size, progress=False))
     head, decay = grouped_public_head(view_x, view_y, groups,
                                       np.asarray(original), num_classes, seed)

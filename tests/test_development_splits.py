@@ -140,7 +140,6 @@ def test_bias_only_diagnostic_removes_the_noise_and_nothing_else():
   assert quiet.feature_map is plan.feature_map and quiet.inputs is plan.inputs
 
 
-
 def test_public_views_keep_the_image_first_and_move_its_pixels():
   from experiments import public_views  # pylint: disable=g-import-not-at-top
   image = np.zeros((8, 8, 3), np.uint8)

@@ -91,6 +91,19 @@ def _check_source_unchanged(config, workdir: Workdir, fingerprint: str) -> None:
         "nothing in the workdir was changed.")
 
 
+def embedded_train_rows(config, train_labels: np.ndarray, num_classes: int):
+  """({seed: its few-shot split of the training set}, the sorted training
+  rows some seed uses). Only those rows are embedded, and the workdir's
+  splits index into them (``public_{seed}`` = positions in the second)."""
+  private_cap = None if config.private_per_class < 0 else config.private_per_class
+  per_seed = {seed: data_lib.few_shot_split(
+      train_labels, num_classes, config.public_per_class, private_cap,
+      seed=seed, allow_no_public=True) for seed in config.seeds}
+  used = np.unique(np.concatenate(
+      [np.concatenate([s.public, s.private]) for s in per_seed.values()]))
+  return per_seed, used
+
+
 def run_features(config, workdir: Workdir) -> None:
   source = data_lib.get_source(config.dataset, **config.dataset_kwargs.to_dict())
   fingerprint = fingerprint_lib.source_fingerprint(source)
@@ -100,15 +113,7 @@ def run_features(config, workdir: Workdir) -> None:
   num_classes = len(source.class_names)
   train_labels = data_lib.check_labels(source.split("train").labels,
                                        num_classes, f"{config.dataset} train")
-  private_cap = None if config.private_per_class < 0 else config.private_per_class
-  per_seed = {}
-  for seed in config.seeds:
-    per_seed[seed] = data_lib.few_shot_split(
-        train_labels, num_classes, config.public_per_class, private_cap,
-        seed=seed, allow_no_public=True)
-  # Only the training examples some seed uses are embedded.
-  used = np.unique(np.concatenate(
-      [np.concatenate([s.public, s.private]) for s in per_seed.values()]))
+  per_seed, used = embedded_train_rows(config, train_labels, num_classes)
   test_split = source.split("test")
   test_indices = np.arange(len(test_split))
   if config.max_test_examples > 0 and len(test_indices) > config.max_test_examples:
