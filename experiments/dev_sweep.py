@@ -42,7 +42,9 @@ _KEY = flags.DEFINE_string("key", None, "Dotted config field to sweep, e.g. "
 _VALUES = flags.DEFINE_list("values", None, "Its values.", required=True)
 _EPSILONS = flags.DEFINE_list("epsilons", ["1", "3", "8"], "Target epsilons.")
 _METHODS = flags.DEFINE_list("methods", ["adamix", "dp_sgd"],
-                             "Private methods (recipe.train_dp names).")
+                             "Private methods (recipe.train_dp names), or "
+                             "public_only (the workdir's w_0 itself, scored "
+                             "on the development quarter; nothing trained).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Runs per (value, seed, "
                                 "epsilon, method).")
 _MATCH = flags.DEFINE_bool(
@@ -95,6 +97,14 @@ def main(argv):
       recipe = recipe_lib.make_recipe(variant)
       for eps, run_eps in run_epsilons.items():
         for method in _METHODS.value:
+          if method == "public_only":  # no coins: one record per cell
+            rows.append({"value": value, "seed": seed, "epsilon": eps,
+                         "dev_epsilon": 0.0, "method": method,
+                         "dev_error": recipe.test_error(data.public_params,
+                                                        data),
+                         "steps": 0, "epsilon_spent": 0.0})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
           for _ in range(_REPEATS.value):
             run = recipe.train_dp(method, run_eps, seed, data)
             rows.append({"value": value, "seed": seed, "epsilon": eps,
@@ -106,7 +116,9 @@ def main(argv):
   matched = "Each epsilon was run as given (--nomatch_full_set). "
   if _MATCH.value:
     dev_eps = {e: np.mean([r["dev_epsilon"] for r in rows
-                           if r["epsilon"] == e]) for e in epsilons}
+                           if r["epsilon"] == e and
+                           r["method"] != "public_only"] or [0.0])
+               for e in epsilons}
     matched = ("Each epsilon is the target: the runs used the development "
                "epsilon with the full private set's sigma_1 / N (mean " +
                ", ".join(f"{e:g} -> {d:.2f}" for e, d in dev_eps.items()) +

@@ -18,9 +18,19 @@ import sys
 
 import numpy as np
 
-LABELS = {"paragon": "paragon", "public_only": "public-only",
-          "dp_sgd": "DP-SGD", "adamix": "AdaMix"}
-ORDER = ("paragon", "public_only", "dp_sgd", "adamix")
+from adamix_jax.analysis import report
+
+LABELS = report.METHOD_LABELS
+ORDER = tuple(LABELS)
+
+
+def _order(method: str) -> int:
+  """Known methods in table order, any other after them (by name)."""
+  return ORDER.index(method) if method in ORDER else len(ORDER)
+
+
+def _label(method: str) -> str:
+  return LABELS.get(method, method)
 
 
 def _mean(values) -> float:
@@ -38,7 +48,8 @@ def epsilon_table(summary: dict) -> str:
       "Spearman, kNN private | train error at / below run's epsilon |",
       "|" + "---|" * 12]
   for (method, eps), runs in sorted(
-      groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])):
+      groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][0],
+                                      kv[0][1])):
     def get(key, runs=runs):
       return _mean(r[key] for r in runs)
 
@@ -46,7 +57,7 @@ def epsilon_table(summary: dict) -> str:
       return _mean(r["spearman_with_isolation"][measure] for r in runs)
 
     lines.append(
-        f"| {LABELS[method]} | {eps:g} | {len(runs)} | "
+        f"| {_label(method)} | {eps:g} | {len(runs)} | "
         f"{get('individual_epsilon_p10'):.2f} | "
         f"{get('individual_epsilon_median'):.2f} | "
         f"{get('individual_epsilon_p90'):.2f} | "
@@ -66,8 +77,8 @@ def error_table(summary: dict) -> str:
       f"{m.replace('_', ' ')}: Q{q + 1}" for m in measures for q in range(5)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   keys = [(c["method"], c["epsilon"]) for c in curves[measures[0]]]
-  for key in sorted(keys, key=lambda k: (k[1] or 0, ORDER.index(k[0]))):
-    cells = [LABELS[key[0]], "-" if key[1] is None else f"{key[1]:g}"]
+  for key in sorted(keys, key=lambda k: (k[1] or 0, _order(k[0]), k[0])):
+    cells = [_label(key[0]), "-" if key[1] is None else f"{key[1]:g}"]
     for measure in measures:
       curve = next(c for c in curves[measure]
                    if (c["method"], c["epsilon"]) == key)

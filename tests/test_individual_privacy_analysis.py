@@ -259,3 +259,14 @@ def test_individual_privacy_analysis_leaves_out_runs_without_counts(
       ("dp_sgd", 1.0), ("dp_sgd", 8.0), ("adamix", 1.0)}
   # The error figure still covers every method.
   assert len(summary["test_error_by_isolation_quantile"]["knn_private"]) == 6
+
+
+def test_analysis_figures_give_every_default_method_its_own_colour():
+  """Every method the default config runs has a label and a colour of its
+  own in the figures and tables (PILLAR once fell to matplotlib's cycle and
+  drew in DP-SGD's blue, and the tables script refused its name)."""
+  methods = set(digits.get_config().methods)
+  assert methods <= set(report.METHOD_LABELS)
+  assert methods <= set(report.METHOD_COLORS)
+  colours = [report.METHOD_COLORS[m] for m in methods]
+  assert len(set(colours)) == len(colours)

@@ -14,6 +14,8 @@ run):
   the full space when it fits, and fixes the public scale the clip norm
   refers to;
 * the schedule shortens with the noise and stays in [min_steps, max_steps];
+  where max_steps binds (large N) the steps lengthen up to 1/L so that the
+  run still reaches tau, and a plan the cap still cuts short says so;
   a truncated public subspace (AdaMix's high-noise geometry, PILLAR's)
   takes subspace_kappa, every other geometry (DP-SGD's included) kappa;
   the public weight reduces to the paper's n / (n + N) at sigma = 0 and
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -208,6 +211,73 @@ def test_noise_aware_schedule_falls_with_the_dimension_power():
   _, eta = noise_aware.schedule(public_z, 1281, 1.0, 10**7, 10, rules)
   assert steps(1281, dim_power=0.5) == round(
       rules.kappa * 10**7 / (rules.clip_norm * math.sqrt(1281 * 10)) / eta)
+
+
+def test_noise_aware_step_cap_lengthens_steps_before_it_cuts_tau():
+  # Large N: tau / eta(1/(2L)) passes max_steps. The capped run must still
+  # reach tau (longer, stable steps, eta <= 1/L) and only where even 1/L
+  # cannot, fall short; a plain cap (eta fixed, T clipped) fails both.
+  rng = np.random.default_rng(3)
+  public_z = np.asarray(linear.augment(_unit_rows(rng, 50, 20)))
+  rules = dataclasses.replace(RULES, max_steps=1000)
+  lam = np.linalg.eigvalsh(public_z.T @ public_z / len(public_z)).max()
+  one_over_l = 2.0 / lam
+  tau = noise_aware.step_budget(21, 1.0, 10**5, 10, rules)
+  small_n = 10**5 * (0.75 * rules.max_steps * one_over_l) / tau
+  for n, reaches in ((int(small_n), True), (10**5, False)):
+    tau_n = noise_aware.step_budget(21, 1.0, n, 10, rules)
+    assert tau_n / (one_over_l / 2) > rules.max_steps  # the cap would bind
+    steps, eta = noise_aware.schedule(public_z, 21, 1.0, n, 10, rules)
+    assert steps == rules.max_steps
+    assert eta <= one_over_l * (1 + 1e-6)
+    if reaches:
+      assert eta * steps == pytest.approx(tau_n, rel=1e-6)
+    else:
+      assert eta == pytest.approx(one_over_l, rel=1e-6)
+      assert eta * steps < tau_n
+  # Below the cap nothing changes: eta = 1 / (2L).
+  steps, eta = noise_aware.schedule(public_z, 21, 1.0, 100, 10, rules)
+  assert eta == pytest.approx(one_over_l / 2, rel=1e-6)
+  assert steps < rules.max_steps
+
+
+def test_noise_aware_plan_warns_and_records_when_the_cap_cuts_tau():
+  data = _seed_data(np.random.default_rng(1))
+  config = digits.get_config()
+  config.delta = DELTA
+  config.rules.max_steps = 25
+  with pytest.warns(UserWarning, match=r"rules.max_steps=25 shortens"):
+    plan = recipe_lib.make_recipe(config).plan("dp_sgd", 8.0, data)
+  assert plan.steps == 25
+  assert plan.info["tau_reached"] < plan.info["tau"]
+  # Default cap: not binding, and T's rounding (a few % at T ~ 30: T =
+  # round(tau / eta) rounded down by 0.25-0.5 of a step) is no reason to
+  # warn.
+  rng = np.random.default_rng(5)
+  sigma_1 = noise_aware.single_release_sigma(0.5, DELTA)
+  public_z = np.asarray(linear.augment(data.public_x))
+  _, eta = noise_aware.schedule(public_z, public_z.shape[1], sigma_1, 1000,
+                                data.num_classes, RULES)
+  for n in range(10, 5000):  # T ~ 20-40: half a step is over 1 % of tau
+    ratio = noise_aware.step_budget(public_z.shape[1], sigma_1, n,
+                                    data.num_classes, RULES) / eta
+    if ratio > RULES.min_steps and 0.3 < ratio - round(ratio) < 0.5:
+      break
+  rounded = dataclasses.replace(  # same public set: same eta
+      data, private_x=_unit_rows(rng, n, data.public_x.shape[1]),
+      private_y=rng.integers(0, data.num_classes, size=n))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plan = _recipe().plan("dp_sgd", 0.5, rounded)
+  assert plan.steps < 2 * RULES.min_steps
+  assert plan.info["tau_reached"] < 0.99 * plan.info["tau"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for epsilon in (1.0, 8.0):
+      for method in ("dp_sgd", "pillar", "adamix"):
+        plan = _recipe().plan(method, epsilon, data)
+        assert plan.info["tau_reached"] == pytest.approx(
+            plan.info["tau"], rel=0.5 / plan.steps + 1e-6)
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])

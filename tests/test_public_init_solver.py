@@ -158,29 +158,34 @@ def test_public_init_solver_config_default_validation_and_plumbing(
   with pytest.raises(ValueError, match="solver must be one of"):
     public_init.select_weight_decay(np.zeros((4, 2)), np.array([0, 1, 0, 1]),
                                     2, solver="torch")
-  config.cv_solver = "torch"
-  with pytest.raises(ValueError, match=r"config.cv_solver must be one of "
-                     r"\['sklearn', 'jax'\], got 'torch'"):
-    recipe_lib.validate_config(config)
+  config.cv_solver = "jax"
+  seen, _ = _train_head_calls(monkeypatch, config)
+  assert [kwargs["solver"] for kwargs in seen] == ["jax", "jax"]
 
+
+def _train_head_calls(monkeypatch, config):
+  """The keyword arguments public_init.train_head receives from the
+  recipe's public start, then from its paragon (train_head faked), and the
+  public start's info."""
   seen = []
 
   def fake_train_head(x, y, num_classes, **kwargs):
-    seen.append(kwargs["solver"])
+    seen.append(kwargs)
     return ({"kernel": np.zeros((x.shape[1], num_classes)),
              "bias": np.zeros(num_classes)},
-            public_init.CrossValidation(1e-3, {}, 2))
+            public_init.CrossValidation(1e-3, {}, 2,
+                                        kwargs.get("scoring", "error")))
   monkeypatch.setattr(public_init, "train_head", fake_train_head)
-  config.cv_solver = "jax"
   recipe = recipe_lib.LinearHeadRecipe(config)
   x = np.eye(4)
   data = recipe_lib.SeedData(
       public_x=x, public_y=np.array([0, 1, 0, 1]), private_x=x,
       private_y=np.array([0, 1, 0, 1]), test_x=x, test_y=np.zeros(4, int),
       num_classes=2, public_params=None, zero_shot=False)
+  _, info = recipe.public_init(x, np.array([0, 1, 0, 1]), ["a", "b"], seed=0,
+                               dim=4)
   recipe.paragon(data, seed=0)
-  recipe.public_init(x, np.array([0, 1, 0, 1]), ["a", "b"], seed=0, dim=4)
-  assert seen == ["jax", "jax"]
+  return seen, info
 
 
 def test_public_init_solver_older_workdirs_still_match(tmp_path):
@@ -199,3 +204,58 @@ def test_public_init_solver_older_workdirs_still_match(tmp_path):
   assert workdir_lib.config_differences(config, workdir) == [
       "cv_solver: 'sklearn' -> 'jax'"]
   assert os.path.exists(path)
+
+
+def test_public_init_log_loss_cv_scores_held_out_cross_entropy(digits):
+  """scoring="log_loss": each decay's CV score is its folds' held-out
+  cross-entropy (checked against sklearn's log_loss on the same folds), and
+  the choice is the decay with the least of it."""
+  from sklearn import metrics
+  from sklearn import model_selection
+  x, y = digits[0][:60], digits[1][:60]
+  cv = public_init.select_weight_decay(x, y, 10, folds=3, seed=4,
+                                       scoring="log_loss")
+  assert cv.scoring == "log_loss"
+  splits = model_selection.StratifiedKFold(3, shuffle=True,
+                                           random_state=4).split(x, y)
+  expected = np.zeros(len(DECAYS))
+  for train, held in splits:
+    path = public_init.fit_regularization_path(x[train], y[train], 10,
+                                               DECAYS)
+    for i, params in enumerate(path):
+      logits = x[held] @ np.asarray(params["kernel"]) + np.asarray(
+          params["bias"])
+      prob = np.exp(logits - logits.max(-1, keepdims=True))
+      prob /= prob.sum(-1, keepdims=True)
+      expected[i] += len(held) * metrics.log_loss(y[held], prob,
+                                                  labels=range(10))
+  expected /= len(y)
+  np.testing.assert_allclose([cv.cv_errors[d] for d in DECAYS], expected,
+                             rtol=1e-5)
+  assert cv.weight_decay == DECAYS[int(np.argmin(expected))]
+  error_cv = public_init.select_weight_decay(x, y, 10, folds=3, seed=4)
+  assert max(error_cv.cv_errors.values()) <= 1.0  # rates, not nats
+  with pytest.raises(ValueError, match="scoring must be one of"):
+    public_init.select_weight_decay(x, y, 10, scoring="accuracy")
+
+
+@pytest.mark.parametrize("field, bad, allowed", [
+    ("cv_solver", "torch", r"\['sklearn', 'jax'\]"),
+    ("public_cv_scoring", "brier", r"\['error', 'log_loss'\]")])
+def test_public_init_config_fields_refuse_unknown_values(field, bad, allowed):
+  config = base.get_config()
+  config[field] = bad
+  with pytest.raises(ValueError, match=rf"config.{field} must be one of "
+                     rf"{allowed}, got '{bad}'"):
+    recipe_lib.validate_config(config)
+
+
+def test_public_cv_scoring_reaches_w0_only(monkeypatch):
+  config = base.get_config()
+  assert config.public_cv_scoring == "error"
+  config.public_cv_scoring = "log_loss"
+  seen, info = _train_head_calls(monkeypatch, config)
+  # w_0 scores log-loss; the paragon keeps error CV.
+  assert [kwargs.get("scoring", "error") for kwargs in seen] == [
+      "log_loss", "error"]
+  assert info["cv_scoring"] == "log_loss"

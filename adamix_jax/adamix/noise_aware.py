@@ -36,7 +36,9 @@ gradient, step eta, T steps, the average of the last half released.
    (early stopping: noise accumulates in flat directions in proportion to
    tau, so tau shrinks with the noise); T clipped to [min_steps,
    max_steps]. kappa is the noise the run may accumulate before it stops,
-   set at the reference dimension D_ref (``reference_dim``). How it scales
+   set at the reference dimension D_ref (``reference_dim``); where tau /
+   eta passes ``max_steps`` (large N) the steps lengthen up to 1/L so the
+   cap does not cut tau short. How it scales
    with D_z (``dim_power`` p): the parameter-noise NORM grows like
    sqrt(D_z) (p = 1/2, the first rule), but what the noise does to a
    prediction, x~ . xi, does not grow with D_z at all (its variance is the
@@ -231,25 +233,45 @@ def smoothness(public_z: Optional[np.ndarray]) -> float:
   return 0.5 * float(np.linalg.eigvalsh(_second_moment(public_z)).max())
 
 
-def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
-             num_private: int, num_classes: int, rules: Rules,
-             geometry: str = "none") -> tuple[int, float]:
-  """(T, eta) of rule 2: eta = 1/(2L), T = tau / eta clipped.
+def step_budget(dim: int, sigma_1: float, num_private: int, num_classes: int,
+                rules: Rules, geometry: str = "none") -> float:
+  """tau = eta T of rule 2 (infinite without noise).
 
   ``geometry`` is the ``Geometry.kind`` the run trains in: a truncated
   public subspace (``TRUNCATED_KINDS``) takes ``rules.subspace_kappa``,
   anything else (the full whitened space; "none", x~ itself, DP-SGD's)
   ``rules.kappa``.
   """
-  eta = 1.0 / (2.0 * smoothness(public_z))
   if sigma_1 == 0:
-    return rules.max_steps, eta
+    return math.inf
   kappa = (rules.subspace_kappa if geometry in TRUNCATED_KINDS else
            rules.kappa)
-  tau = kappa * num_private / (
+  return kappa * num_private / (
       sigma_1 * rules.clip_norm *
       math.sqrt(num_classes * rules.reference_dim) *
       (dim / rules.reference_dim) ** rules.dim_power)
+
+
+def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
+             num_private: int, num_classes: int, rules: Rules,
+             geometry: str = "none") -> tuple[int, float]:
+  """(T, eta) of rule 2: eta = 1/(2L), T = tau / eta clipped.
+
+  Where tau / eta would pass ``rules.max_steps`` (a compute cap; large N,
+  since tau grows with N), the steps lengthen up to eta = 1/L so that the
+  capped run still reaches tau: gradient descent on an L-smooth loss is
+  stable up to 2/L, and at a fixed tau the noise a run accumulates does not
+  depend on how tau is cut into steps (T full-batch releases compose to
+  one at sigma_1). Only where tau > max_steps / L does the cap shorten tau
+  (``step_budget`` against eta T says by how much). Without noise T is
+  max_steps at eta = 1/(2L). See ``step_budget`` for ``geometry``.
+  """
+  eta = 1.0 / (2.0 * smoothness(public_z))
+  if sigma_1 == 0:
+    return rules.max_steps, eta
+  tau = step_budget(dim, sigma_1, num_private, num_classes, rules, geometry)
+  if tau / eta > rules.max_steps:
+    eta = min(2.0 * eta, tau / rules.max_steps)
   steps = int(min(max(round(tau / eta), rules.min_steps), rules.max_steps))
   return steps, eta
 

@@ -28,12 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import special
 from sklearn import exceptions
 from sklearn import linear_model
 from sklearn import model_selection
 
 DEFAULT_WEIGHT_DECAYS = tuple(float(v) for v in np.logspace(-6, 0, 7))
 SOLVERS = ("sklearn", "jax")
+# What a CV fold's held-out examples score: "error" (misclassified count) or
+# "log_loss" (summed held-out cross-entropy, a proper scoring rule).
+SCORINGS = ("error", "log_loss")
 # The JAX path's stopping rule: max |gradient| of the objective (sklearn's
 # ``tol`` means the same, but in float64), and an iteration cap.
 JAX_TOL = 1e-6
@@ -46,6 +50,27 @@ def _check_solver(solver: str) -> None:
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {list(SOLVERS)}, got "
                      f"{solver!r}.")
+
+
+def _check_scoring(scoring: str) -> None:
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring must be one of {list(SCORINGS)}, got "
+                     f"{scoring!r}.")
+
+
+def held_out_score(params, x, y, scoring: str) -> float:
+  """The summed held-out score of a head on (x, y): misclassified examples
+  ("error") or cross-entropy in nats ("log_loss"; classes the fold never
+  saw keep their -1e3 bias, so a held-out example of such a class costs
+  ~1e3, the same for every weight decay)."""
+  _check_scoring(scoring)
+  logits = (np.asarray(x, np.float64) @ np.asarray(params["kernel"],
+                                                   np.float64)
+            + np.asarray(params["bias"], np.float64))
+  y = np.asarray(y)
+  if scoring == "error":
+    return float(np.sum(np.argmax(logits, -1) != y))
+  return float(-np.sum(special.log_softmax(logits, -1)[np.arange(len(y)), y]))
 
 
 def _to_params(model, dim: int, num_classes: int) -> dict:
@@ -215,26 +240,33 @@ def fit_logistic_regression(x, y, num_classes: int, weight_decay: float,
 @dataclasses.dataclass(frozen=True)
 class CrossValidation:
   weight_decay: float
-  cv_errors: dict[float, float]  # weight decay -> mean held-out error
+  # weight decay -> mean held-out score per example (error rate, or
+  # cross-entropy in nats with scoring="log_loss")
+  cv_errors: dict[float, float]
   folds: int
+  scoring: str = "error"
 
 
 def select_weight_decay(x, y, num_classes: int,
                         weight_decays=DEFAULT_WEIGHT_DECAYS, folds: int = 5,
                         seed: int = 0,
-                        solver: str = "sklearn") -> CrossValidation:
+                        solver: str = "sklearn",
+                        scoring: str = "error") -> CrossValidation:
   """Stratified k-fold CV over ``weight_decays`` on (x, y) only.
 
-  Ties go to the larger weight decay (the simpler model). With few-shot data
+  ``scoring``: what the held-out examples score (``held_out_score``). Ties
+  go to the larger weight decay (the simpler model). With few-shot data
   the number of folds is capped by the smallest class count; with a single
   example per class there is no held-out signal and the middle of the grid
   is used. ``solver="jax"`` solves all folds of one decay in one call.
   """
   _check_solver(solver)
+  _check_scoring(scoring)
   y = np.asarray(y)
   folds = int(min(folds, np.bincount(y, minlength=num_classes).min()))
   if folds < 2:
-    return CrossValidation(weight_decays[len(weight_decays) // 2], {}, folds)
+    return CrossValidation(weight_decays[len(weight_decays) // 2], {}, folds,
+                           scoring)
   splitter = model_selection.StratifiedKFold(folds, shuffle=True,
                                              random_state=seed)
   errors = np.zeros(len(weight_decays))
@@ -253,21 +285,20 @@ def select_weight_decay(x, y, num_classes: int,
                   for train, _ in splits]
   for (_, held_out), path in zip(splits, fold_paths):
     for i, params in enumerate(path):
-      logits = (x[held_out] @ np.asarray(params["kernel"]) +
-                np.asarray(params["bias"]))
-      errors[i] += np.sum(np.argmax(logits, -1) != y[held_out])
+      errors[i] += held_out_score(params, x[held_out], y[held_out], scoring)
   errors /= len(y)
   best = max(range(len(weight_decays)),
              key=lambda i: (-round(float(errors[i]), 12), weight_decays[i]))
   return CrossValidation(float(weight_decays[best]),
                          {float(w): float(e) for w, e in
-                          zip(weight_decays, errors)}, folds)
+                          zip(weight_decays, errors)}, folds, scoring)
 
 
 def train_head(x, y, num_classes: int, weight_decays=DEFAULT_WEIGHT_DECAYS,
-               folds: int = 5, seed: int = 0, solver: str = "sklearn"):
+               folds: int = 5, seed: int = 0, solver: str = "sklearn",
+               scoring: str = "error"):
   """CV-selected weight decay, then a fit on all of (x, y)."""
   cv = select_weight_decay(x, y, num_classes, weight_decays, folds, seed,
-                           solver=solver)
+                           solver=solver, scoring=scoring)
   return fit_logistic_regression(x, y, num_classes, cv.weight_decay,
                                  solver=solver), cv

@@ -41,9 +41,13 @@ TABLE_COLUMNS = ("method", "epsilon", "seed", "index", "label",
                  "individual_epsilon", "individual_epsilon_rdp",
                  "worst_case_epsilon", "correct_under_final_model")
 METHOD_LABELS = {"paragon": "paragon", "public_only": "public-only",
-                 "dp_sgd": "DP-SGD", "adamix": "AdaMix"}
+                 "dp_sgd": "DP-SGD", "pillar": "PILLAR",
+                 "dp_prototypes": "DP prototypes", "adamix": "AdaMix"}
+# One colour per method (a method left to matplotlib's cycle took DP-SGD's
+# blue).
 METHOD_COLORS = {"paragon": "black", "public_only": "tab:gray",
-                 "dp_sgd": "tab:blue", "adamix": "tab:orange"}
+                 "dp_sgd": "tab:blue", "pillar": "tab:green",
+                 "dp_prototypes": "tab:purple", "adamix": "tab:orange"}
 NOT_RELEASABLE = "data owner only, NOT releasable"
 
 

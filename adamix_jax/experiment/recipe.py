@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -134,6 +136,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.cv_solver must be one of "
                      f"{list(public_init_lib.SOLVERS)}, got {cv_solver!r}: "
                      "'sklearn' (CPU default) or 'jax' (for accelerators).")
+  scoring = config.get("public_cv_scoring", "error")
+  if scoring not in public_init_lib.SCORINGS:
+    raise ValueError(f"config.public_cv_scoring must be one of "
+                     f"{list(public_init_lib.SCORINGS)}, got {scoring!r}: "
+                     "what w_0's cross-validation folds score.")
   if config.preprocess not in preprocess_lib.MODES:
     raise ValueError(f"config.preprocess must be one of "
                      f"{preprocess_lib.MODES}, got {config.preprocess!r}.")
@@ -331,9 +338,11 @@ class LinearHeadRecipe:
       params, cv = public_init_lib.train_head(
           prep(x_public_raw), y_public, len(class_names),
           folds=config.cv_folds, seed=seed,
-          solver=config.get("cv_solver", "sklearn"))
+          solver=config.get("cv_solver", "sklearn"),
+          scoring=config.get("public_cv_scoring", "error"))
       info.update(init="few_shot", weight_decay=cv.weight_decay,
-                  cv_folds=cv.folds, cv_errors=cv.cv_errors)
+                  cv_folds=cv.folds, cv_scoring=cv.scoring,
+                  cv_errors=cv.cv_errors)
     arrays = {"kernel": np.asarray(params["kernel"]),
               "bias": np.asarray(params["bias"]), **prep.to_arrays()}
     return arrays, info
@@ -448,6 +457,18 @@ class LinearHeadRecipe:
                    **step):
       steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
                                         rules, geometry)
+      tau = noise_aware.step_budget(dim_z, sigma_1, n_priv, c, rules,
+                                    geometry)
+      # (T = round(tau / eta) misses tau by up to half a step: only the
+      # cap is worth a warning.)
+      if (math.isfinite(tau) and steps >= rules.max_steps and
+          eta * steps < 0.99 * tau):
+        warnings.warn(
+            f"{method}: the step cap rules.max_steps={rules.max_steps} "
+            f"shortens the planned step budget tau = eta T from {tau:.4g} "
+            f"to {eta * steps:.4g} (N = {n_priv} private examples): the "
+            "run is under-trained; raise --config.rules.max_steps to "
+            f"{math.ceil(tau / eta)} if the compute allows.", stacklevel=2)
       sigma = 0.0 if epsilon is None else (
           accounting.calibrate_noise_multiplier(
               float(epsilon), float(config.delta), 1.0, steps))
@@ -457,7 +478,12 @@ class LinearHeadRecipe:
           normalize_by_threshold=False, **step)
       return RunPlan(steps, 1.0, step_config, inputs, feature_map=feature_map,
                      info={"sigma_1": sigma_1, "learning_rate": eta,
-                           "dim": dim_z, "geometry": geometry})
+                           "dim": dim_z, "geometry": geometry,
+                           # the planned step budget and what T reaches
+                           # (within half a step of it, unless
+                           # rules.max_steps binds)
+                           "tau": tau if math.isfinite(tau) else None,
+                           "tau_reached": eta * steps})
 
     if method == "dp_sgd":  # the same rules, no public examples in training
       return full_batch(public_x_aug, dim + 1,

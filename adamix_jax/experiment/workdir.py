@@ -24,8 +24,9 @@ from adamix_jax import io
 # Not part of the experiment: a run with another value is the same run.
 UNSAVED_FIELDS = ("progress",)
 # Fields added after workdirs were already made, with the value that older
-# workdirs (whose config.json lacks them) were run with.
-LATER_FIELDS = {"cv_solver": "sklearn"}
+# workdirs (whose config.json lacks them) were run with; nested fields by
+# their dotted names ("train.epochs").
+LATER_FIELDS = {"cv_solver": "sklearn", "public_cv_scoring": "error"}
 
 
 class ConfigMismatchError(ValueError):
@@ -129,10 +130,10 @@ def config_differences(config: ml_collections.ConfigDict,
   for field in UNSAVED_FIELDS:
     saved.pop(field, None)
   given = _saved_form(config)
-  for field, value in LATER_FIELDS.items():
-    saved.setdefault(field, value)
-    given.setdefault(field, value)
   old, new = _flat(saved), _flat(given)
+  for field, value in LATER_FIELDS.items():
+    old.setdefault(field, value)
+    new.setdefault(field, value)
   return [f"{k}: {_show(old.get(k, _MISSING))} -> {_show(new.get(k, _MISSING))}"
           for k in sorted(set(old) | set(new))
           if old.get(k, _MISSING) != new.get(k, _MISSING)]
