@@ -12,7 +12,10 @@ For each (feature dim d, classes c, batch B), with a public set of
   gathered batch;
 * ``dp_sgd`` via ``vmap`` (explicit per-example gradients) and via the
   ``closed_form`` (norms ||x|| ||e|| and one X^T diag(s) E product);
-* ``adamix`` (public-gradient subspace of rank k, adaptive threshold, public
+* ``adamix_w``: the default linear-head AdaMix (the noise-aware rules'
+  AdaMix-W: a correction in the full whitened public geometry, w_0's logits
+  fixed, a fixed C, the public gradient mixed in, no subspace);
+* ``adamix`` (the paper's form: public-gradient subspace of rank k, adaptive threshold, public
   gradient mixed in) with the basis recomputed every step and every 10 steps
   (10 steps including one refresh, divided by 10), using the cached public
   Gram, the cached private-public kernel and the warm-started iterative
@@ -74,6 +77,7 @@ import numpy as np
 import optax
 
 from adamix_jax.adamix import linear_step as step_lib
+from adamix_jax.adamix import noise_aware
 from adamix_jax.adamix import settings
 from adamix_jax.models import linear
 from adamix_jax.train import linear_head
@@ -213,22 +217,27 @@ class _StepRunner:
   def __init__(self, config: settings.StepConfig,
                flags: settings.PerformanceFlags, p: Problem,
                public: step_lib.PublicData, spec: settings.SubspaceSpec,
-               kernel=None, dual: bool = False):
+               kernel=None, dual: bool = False,
+               private: Optional[step_lib.PrivateData] = None,
+               anchor=None):
+    """``private`` and ``anchor`` replace the problem's (a head trained in
+    a public feature map: its own features, base logits and zero start)."""
     self.config, self.flags, self.p, self.public = config, flags, p, public
     self.spec = spec
     self.structure, self.numbers = config.structure(), config.numbers()
     self.cache = None
+    anchor = p.anchor if anchor is None else anchor
     if dual:
-      self.cache = step_lib.dual_cache(p.anchor, public, p.private_x_aug,
+      self.cache = step_lib.dual_cache(anchor, public, p.private_x_aug,
                                        private_kernel=kernel)
       self.state = step_lib.init_dual_state(self.cache, jax.random.key(0))
-      matrix = linear.stack(p.anchor)
+      matrix = linear.stack(anchor)
       kernel = None
     else:
-      self.state = step_lib.init_matrix_state(p.anchor, jax.random.key(0))
+      self.state = step_lib.init_matrix_state(anchor, jax.random.key(0))
       matrix = self.state.matrix
-    self.private = step_lib.PrivateData(x_aug=p.private_x_aug, y=p.private_y,
-                                        kernel=kernel)
+    self.private = private or step_lib.PrivateData(
+        x_aug=p.private_x_aug, y=p.private_y, kernel=kernel)
     self.subspace = _build(spec, matrix, public, None)
     self.t = 0
     # Device scalars made once: per-call host->device transfers would be
@@ -285,8 +294,40 @@ def _adamix_config(p: Problem) -> settings.StepConfig:
       public_weight=num_public / (num_public + num_private))
 
 
+def _adamix_w_method(p: Problem) -> Method:
+  """The default linear-head AdaMix (AdaMix-W, adamix/noise_aware.py): a
+  correction V from 0 in the whitened public geometry z = x~ M (here the
+  full space, M (d+1) x (d+1), the low-noise case), w_0's logits a fixed
+  part of every logit, a fixed C, no subspace, the exact public gradient
+  mixed in. Timed on the same batch B (its runs are full batch: B = N)."""
+  feature_map = jnp.asarray(noise_aware.public_geometry(  # sigma_1 small:
+      np.asarray(p.public.x_aug), 1e-3, int(p.private_y.shape[0]),
+      p.classes, noise_aware.Rules()).feature_map)  # the full space
+  anchor = linear.stack(p.anchor)
+  public = step_lib.make_public_data(
+      p.public.x_aug @ feature_map, p.public.y, cache_gram=False,
+      base_logits=p.public.x_aug @ anchor)
+  private = step_lib.PrivateData(x_aug=p.private_x_aug @ feature_map,
+                                 y=p.private_y,
+                                 base_logits=p.private_x_aug @ anchor)
+  num_public, num_private = p.public.y.shape[0], p.private_y.shape[0]
+  config = settings.StepConfig(
+      noise_multiplier=1.0, expected_batch_size=float(p.batch),
+      learning_rate=LEARNING_RATE, clip_norm=0.5,
+      normalize_by_threshold=False,
+      public_weight=num_public / (num_public + num_private))
+  runner = _StepRunner(config, settings.PerformanceFlags(path="closed_form"),
+                       p, public, settings.SubspaceSpec(), private=private,
+                       anchor=jnp.zeros((feature_map.shape[1], p.classes),
+                                        jnp.float32))
+  return Method("adamix_w", "closed_form", _runs(runner, 1, None),
+                memory=runner.memory(False),
+                extra={"geometry": f"whitened, {feature_map.shape[1]} dims",
+                       "public_examples": int(num_public)})
+
+
 def _adamix_methods(p: Problem, args, vmap_fits: bool) -> list[Method]:
-  methods = []
+  methods = [_adamix_w_method(p)]
   rank = min(args.rank, p.public.y.shape[0])
   spec = settings.SubspaceSpec(
       "gradients", rank, 1, method="iterative", iterations=args.iterations,
