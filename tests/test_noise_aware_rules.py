@@ -227,7 +227,12 @@ def test_noise_aware_step_cap_lengthens_steps_before_it_cuts_tau():
   for n, reaches in ((int(small_n), True), (10**5, False)):
     tau_n = noise_aware.step_budget(21, 1.0, n, 10, rules)
     assert tau_n / (one_over_l / 2) > rules.max_steps  # the cap would bind
-    steps, eta = noise_aware.schedule(public_z, 21, 1.0, n, 10, rules)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      steps, eta = noise_aware.schedule(public_z, 21, 1.0, n, 10, rules)
+    # A warning exactly where the cap cuts tau short.
+    shortening = [w for w in caught if "shortens" in str(w.message)]
+    assert len(shortening) == (0 if reaches else 1)
     assert steps == rules.max_steps
     assert eta <= one_over_l * (1 + 1e-6)
     if reaches:

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -262,9 +263,10 @@ def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
   capped run still reaches tau: gradient descent on an L-smooth loss is
   stable up to 2/L, and at a fixed tau the noise a run accumulates does not
   depend on how tau is cut into steps (T full-batch releases compose to
-  one at sigma_1). Only where tau > max_steps / L does the cap shorten tau
-  (``step_budget`` against eta T says by how much). Without noise T is
-  max_steps at eta = 1/(2L). See ``step_budget`` for ``geometry``.
+  one at sigma_1). Only where tau > max_steps / L does the cap shorten tau,
+  and then it warns (T's own rounding, up to half a step, does not). Without
+  noise T is max_steps at eta = 1/(2L). See ``step_budget`` for
+  ``geometry``.
   """
   eta = 1.0 / (2.0 * smoothness(public_z))
   if sigma_1 == 0:
@@ -272,6 +274,14 @@ def schedule(public_z: Optional[np.ndarray], dim: int, sigma_1: float,
   tau = step_budget(dim, sigma_1, num_private, num_classes, rules, geometry)
   if tau / eta > rules.max_steps:
     eta = min(2.0 * eta, tau / rules.max_steps)
+    if eta * rules.max_steps < 0.99 * tau:  # even 1/L steps fall short
+      warnings.warn(
+          f"the step cap rules.max_steps={rules.max_steps} shortens the "
+          f"planned step budget tau = eta T from {tau:.4g} to "
+          f"{eta * rules.max_steps:.4g} (N = {num_private} private "
+          f"examples, geometry {geometry!r}): the run is under-trained; "
+          "raise --config.rules.max_steps to "
+          f"{math.ceil(tau / eta)} if the compute allows.", stacklevel=2)
   steps = int(min(max(round(tau / eta), rules.min_steps), rules.max_steps))
   return steps, eta
 

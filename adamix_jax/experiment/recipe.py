@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -458,17 +457,7 @@ class LinearHeadRecipe:
       steps, eta = noise_aware.schedule(public_z, dim_z, sigma_1, n_priv, c,
                                         rules, geometry)
       tau = noise_aware.step_budget(dim_z, sigma_1, n_priv, c, rules,
-                                    geometry)
-      # (T = round(tau / eta) misses tau by up to half a step: only the
-      # cap is worth a warning.)
-      if (math.isfinite(tau) and steps >= rules.max_steps and
-          eta * steps < 0.99 * tau):
-        warnings.warn(
-            f"{method}: the step cap rules.max_steps={rules.max_steps} "
-            f"shortens the planned step budget tau = eta T from {tau:.4g} "
-            f"to {eta * steps:.4g} (N = {n_priv} private examples): the "
-            "run is under-trained; raise --config.rules.max_steps to "
-            f"{math.ceil(tau / eta)} if the compute allows.", stacklevel=2)
+                                    geometry)  # recorded with the plan
       sigma = 0.0 if epsilon is None else (
           accounting.calibrate_noise_multiplier(
               float(epsilon), float(config.delta), 1.0, steps))
