@@ -31,6 +31,7 @@ from adamix_jax.models import linear
 from adamix_jax.privacy import accounting
 from adamix_jax.privacy import mechanism
 from adamix_jax.privacy.randomness import MechanismCoins
+from adamix_jax.train import fit as fit_lib
 from adamix_jax.train import linear_head
 
 DIM, CLASSES, NUM_PUBLIC = 9, 5, 14
@@ -410,3 +411,69 @@ def test_vmap_microbatch_any_size_equals_full_batch():
     assert int(got[1].num_clipped) == int(full[1].num_clipped)
   with pytest.raises(ValueError, match="microbatch_size"):
     settings.PerformanceFlags(microbatch_size=0)
+
+
+# --- what a run compiles and ships per step -----------------------------------
+
+
+def _head_program(steps, sigma, sampling_rate, num_private=40):
+  rng = _rng(7)
+  private_x = rng.normal(size=(num_private, DIM)).astype(np.float32)
+  private_y = rng.integers(0, CLASSES, num_private)
+  public_x = rng.normal(size=(NUM_PUBLIC, DIM)).astype(np.float32)
+  public_y = np.arange(NUM_PUBLIC) % CLASSES
+  config = settings.StepConfig(
+      noise_multiplier=sigma, expected_batch_size=sampling_rate * num_private,
+      learning_rate=0.1, clip_norm=1.0, normalize_by_threshold=False)
+  return linear_head.LinearHeadProgram(
+      private_x, private_y, public_x, public_y,
+      linear.zeros(DIM, CLASSES), config, steps=steps,
+      sampling_rate=sampling_rate)
+
+
+def test_constant_schedule_runs_of_any_length_and_noise_share_one_compile():
+  """A noise-aware run's compiled step depends on neither its T nor its
+  sigma: a sweep's runs (every method, epsilon and seed has its own T)
+  reuse it. (The (T,) multiplier array made every run compile its own step,
+  ~2 s each, more than half of the default digits job's CPU time.)"""
+  sizes = []
+  for steps, sigma in ((3, 1.0), (7, 2.5), (12, 0.7)):
+    program = _head_program(steps, sigma, 1.0)
+    fit_lib.fit(program, steps=steps,
+                ledger=accounting.PrivacyLedger(1e-5))
+    sizes.append(program._step._cache_size())  # pylint: disable=protected-access
+  assert sizes[1] == sizes[0] and sizes[2] == sizes[0], sizes
+
+
+@pytest.mark.parametrize("sampling_rate", [1.0, 0.5])
+def test_every_poisson_step_places_its_own_batch(sampling_rate):
+  """The full batch (q = 1: every index at every step) is placed on the
+  device once; a Poisson run (q < 1) places each step's own batch, never a
+  cached one (invariant 4: the batch that trains is the one sampled)."""
+  steps = 6
+  program = _head_program(steps, 1.0, sampling_rate)
+  placed = []
+  shard = program.placement.shard_batch
+
+  def counting(tree):
+    placed.append(np.asarray(tree[0]).copy())
+    return shard(tree)
+
+  program.placement.shard_batch = counting
+  seen = []
+  original_step = program.step
+
+  def recording_step(t, state, batch):
+    seen.append(batch.indices[batch.mask > 0].copy())
+    return original_step(t, state, batch)
+
+  program.step = recording_step
+  fit_lib.fit(program, steps=steps, ledger=accounting.PrivacyLedger(1e-5))
+  if sampling_rate == 1.0:
+    assert len(placed) == 1
+    np.testing.assert_array_equal(placed[0], np.arange(40))
+  else:
+    assert len(placed) == steps
+    for batch_indices, sent in zip(seen, placed):
+      np.testing.assert_array_equal(sent[:len(batch_indices)], batch_indices)
+    assert len({tuple(b) for b in seen}) > 1  # the batches do differ

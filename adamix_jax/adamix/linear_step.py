@@ -319,9 +319,10 @@ def private_step(structure: settings_lib.StepStructure,
   The static arguments are ``structure``, ``flags`` and ``refresh`` (the
   subspace spec when the "gradients" subspace is rebuilt in this step, else
   None); ``cache`` selects the dual representation (None: matrix).
-  ``lr_schedule``: (T,) multipliers of the run, read at ``state.step`` on
-  device (so a step ships no scalar, and a resumed state reads the right
-  entry). ``tap``: privacy audits only (``audit.whitebox.CanaryTap``): the
+  ``lr_schedule``: the run's multipliers, read at ``state.step`` on device
+  (so a step ships no scalar, and a resumed state reads the right entry);
+  past its end the last entry holds, so a constant schedule is the (1,)
+  array [1.] and every run shares one compiled step whatever its T. ``tap``: privacy audits only (``audit.whitebox.CanaryTap``): the
   auditor's canaries join this step's batch in the same ``privatize`` call
   and their released coordinates come back in ``metrics.canary_release``;
   None in every real run.
@@ -358,7 +359,9 @@ def private_step(structure: settings_lib.StepStructure,
   private_weight, public_weight = rules.mixing_weights(numbers.public_weight,
                                                        num_public)
   learning_rate, step_size = rules.step_sizes(
-      numbers.learning_rate, lr_schedule[state.step], threshold,
+      numbers.learning_rate,
+      lr_schedule[jnp.minimum(state.step, lr_schedule.shape[0] - 1)],
+      threshold,
       structure.normalize_by_threshold)
   pull = learning_rate * numbers.pull
   if (subspace.kind == "gradients" and public.gram is not None and

@@ -160,7 +160,11 @@ class LinearHeadProgram:
     if not 0.0 < sampling_rate <= 1.0:
       raise ValueError(f"sampling_rate must be in (0, 1], got "
                        f"{sampling_rate}.")
-    lr_scales = fit_lib.learning_rate_scales(lr_schedule, steps)
+    # A constant schedule ships one entry (the step reads the last entry
+    # past the end): the compiled step then does not depend on T, and a
+    # sweep's runs of different lengths share it.
+    lr_scales = (np.ones((1,), np.float32) if lr_schedule == "constant" else
+                 fit_lib.learning_rate_scales(lr_schedule, steps))
     self.placement = placement_lib.placement_for(mesh)
     self.config, self.spec = config, subspace
     self.noise_multiplier = float(config.noise_multiplier)
@@ -219,6 +223,7 @@ class LinearHeadProgram:
     self._anchor = {k: np.asarray(v, np.float32)
                     for k, v in anchor_params.items()}
     self._feature_map = feature_map
+    self._full_batch = None
     self._base_params = self._anchor
     private_base = public_base = None
     if feature_map is not None:
@@ -294,8 +299,7 @@ class LinearHeadProgram:
     if (self.spec.kind == "gradients" and t and
         t % self.spec.refresh_every == 0):
       refresh = self.spec
-    indices, mask = self.placement.shard_batch(
-        (batch.indices.astype(np.int32), batch.mask))
+    indices, mask = self._placed_batch(batch)
     if self.individual is None:
       tap = None
       if self._tap is not None:
@@ -310,6 +314,19 @@ class LinearHeadProgram:
         self.numbers, head, state[2], subspace, self.public, self.private,
         indices, mask, self.average_from, self.lr_schedule, self._cache)
     return (head, subspace, counts), metrics
+
+  def _placed_batch(self, batch: sampler_lib.PaddedBatch):
+    """The batch's (indices, mask) on the device(s). A full batch (q = 1)
+    is every index at every step: it is placed once and reused (a copy per
+    step cost more host time than the digits step itself)."""
+    full = self.sampling_rate == 1.0 and batch.size == self.num_examples
+    if full and self._full_batch is not None:
+      return self._full_batch
+    placed = self.placement.shard_batch(
+        (batch.indices.astype(np.int32), batch.mask))
+    if full:
+      self._full_batch = placed
+    return placed
 
   def release(self, state) -> dict:
     head = state[0]
