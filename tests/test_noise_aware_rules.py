@@ -151,6 +151,47 @@ def test_noise_aware_geometry_keeps_released_noise_norm_below_theta():
   assert more_noise[0] > more_noise[1]
 
 
+@pytest.mark.parametrize("num_public", [50, 100, 205])
+def test_noise_aware_geometry_is_the_one_whose_noise_norm_is_nearest_theta(
+    num_public):
+  """Between "the public span fills the noise budget" and "the full space
+  fits it", the geometry is the candidate whose released noise norm is
+  nearer theta as a ratio: the n - 1 public directions when they spend
+  most of it, the full space once they would leave more unspent than the
+  full space overspends (Fashion-MNIST-like D = 1281; the first rule kept
+  49 directions at N = 4000, epsilon 1, where k_theta ~ 1150)."""
+  dim, classes = 1281, 10
+  sigma_1 = noise_aware.single_release_sigma(1.0, DELTA)
+  kinds = []
+  for n_priv in (300, 1000, 2000, 4000, 6000):
+    kind, k = noise_aware.geometry_choice(dim, num_public, sigma_1, n_priv,
+                                          classes, RULES)
+    nu = lambda d: noise_aware.released_noise_norm(  # pylint: disable=cell-var-from-loop
+        sigma_1, RULES.clip_norm, d, classes, n_priv) / RULES.theta
+    budget = noise_aware.noisy_dim_budget(sigma_1, n_priv, classes, RULES)
+    span = max(1, min(num_public - 1, budget))
+    if nu(dim) <= 1:
+      assert (kind, k) == ("full", dim)
+    elif budget <= num_public - 1:  # the span spends the budget exactly
+      assert (kind, k) == ("subspace", budget)
+    else:
+      assert kind == ("full" if budget >= math.sqrt(dim * (num_public - 1))
+                      else "subspace")
+      chosen, other = (nu(dim), nu(span)) if kind == "full" else (
+          nu(span), nu(dim))
+      assert abs(math.log(chosen)) <= abs(math.log(other))
+    kinds.append(kind)
+  # More private examples never go back from the full space to a subspace.
+  assert kinds == sorted(kinds, key=lambda kind: kind == "full")
+  assert kinds[0] == "subspace" and kinds[-1] == "full"
+  if num_public == 50:  # the case the first rule got wrong
+    public = np.asarray(linear.augment(_unit_rows(np.random.default_rng(3),
+                                                  50, dim - 1)))
+    geometry = noise_aware.public_geometry(public, sigma_1, 4000, classes,
+                                           RULES)
+    assert (geometry.kind, geometry.dim) == ("full", dim)
+
+
 def test_noise_aware_schedule_shortens_with_noise_and_stays_in_range():
   rng = np.random.default_rng(3)
   public_z = np.asarray(linear.augment(_unit_rows(rng, 50, 20)))
