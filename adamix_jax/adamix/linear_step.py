@@ -319,10 +319,11 @@ def private_step(structure: settings_lib.StepStructure,
   The static arguments are ``structure``, ``flags`` and ``refresh`` (the
   subspace spec when the "gradients" subspace is rebuilt in this step, else
   None); ``cache`` selects the dual representation (None: matrix).
-  ``lr_schedule``: the run's multipliers, read at ``state.step`` on device
-  (so a step ships no scalar, and a resumed state reads the right entry);
-  past its end the last entry holds, so a constant schedule is the (1,)
-  array [1.] and every run shares one compiled step whatever its T. ``tap``: privacy audits only (``audit.whitebox.CanaryTap``): the
+  ``lr_schedule``: the run's learning-rate multipliers, read at
+  ``state.step`` on device (so a step ships no scalar, and a resumed state
+  reads the right entry); past its end the last entry holds, so a constant
+  schedule is the (1,) array [1.] and runs of every T share one compiled
+  step. ``tap``: privacy audits only (``audit.whitebox.CanaryTap``): the
   auditor's canaries join this step's batch in the same ``privatize`` call
   and their released coordinates come back in ``metrics.canary_release``;
   None in every real run.

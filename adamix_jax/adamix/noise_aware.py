@@ -24,8 +24,8 @@ gradient, step eta, T steps, the average of the last half released.
    M = (S + rho I)^-1/2 (ridge whitening); else the top-k eigenvectors of S
    with k the largest that fits (at most n - 1), whitened
    (lam + rho)^-1/2, unless those n - 1 directions leave more of the
-   budget unspent than the full space overspends it. Rescaled so that the median public
-   ||z|| is sqrt(2), the scale C refers to. Why: the noise is isotropic in
+   budget unspent than the full space overspends it. Rescaled so that the
+   median public ||z|| is sqrt(2), the scale C refers to. Why: the noise is isotropic in
    the space where the gradient is clipped; in the whitened public geometry
    it hits the directions that carry signal no harder than the others, and
    the dimension rule keeps its total norm a fixed fraction of a gradient.

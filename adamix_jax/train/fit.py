@@ -188,10 +188,13 @@ def fit(program: Program, *, steps: int,
 
 
 def learning_rate_scales(schedule: str, steps: int) -> np.ndarray:
-  """(T,) multipliers of the base learning rate: "constant" or "cosine"
-  (decay to 0 over the run)."""
+  """Multipliers of the base learning rate, read at step t as entry
+  min(t, len - 1): "constant" is the (1,) array [1.] (so the array, and the
+  step compiled around it, does not depend on T: a sweep's runs of
+  different lengths share one compiled step), "cosine" the (T,) decay to 0
+  over the run."""
   if schedule == "constant":
-    return np.ones((steps,), np.float32)
+    return np.ones((1,), np.float32)
   if schedule == "cosine":
     return np.array([0.5 * (1.0 + math.cos(math.pi * t / steps))
                      for t in range(steps)], np.float32)

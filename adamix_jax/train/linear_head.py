@@ -160,11 +160,7 @@ class LinearHeadProgram:
     if not 0.0 < sampling_rate <= 1.0:
       raise ValueError(f"sampling_rate must be in (0, 1], got "
                        f"{sampling_rate}.")
-    # A constant schedule ships one entry (the step reads the last entry
-    # past the end): the compiled step then does not depend on T, and a
-    # sweep's runs of different lengths share it.
-    lr_scales = (np.ones((1,), np.float32) if lr_schedule == "constant" else
-                 fit_lib.learning_rate_scales(lr_schedule, steps))
+    lr_scales = fit_lib.learning_rate_scales(lr_schedule, steps)
     self.placement = placement_lib.placement_for(mesh)
     self.config, self.spec = config, subspace
     self.noise_multiplier = float(config.noise_multiplier)
@@ -319,7 +315,7 @@ class LinearHeadProgram:
     """The batch's (indices, mask) on the device(s). A full batch (q = 1)
     is every index at every step: it is placed once and reused (a copy per
     step cost more host time than the digits step itself)."""
-    full = self.sampling_rate == 1.0 and batch.size == self.num_examples
+    full = self.sampling_rate == 1.0  # the sampler's batch is arange(N)
     if full and self._full_batch is not None:
       return self._full_batch
     placed = self.placement.shard_batch(
